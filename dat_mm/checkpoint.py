@@ -1,0 +1,132 @@
+"""Checkpoint helpers: the authors' checkpoints into our backbone, and MMEngine checkpoints under torch >= 2.6."""
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Buffers that are pure functions of the window size: checkpoints may carry them, we recompute them.
+RECOMPUTED_BUFFERS = ('relative_position_index', 'attn_mask')
+# Classification-only weights of the authors' ImageNet models.
+CLASSIFIER_PREFIXES = ('cls_head.', 'cls_norm.', 'head.', 'fc.')
+BIAS_TABLES = ('rpe_table', 'relative_position_bias_table', 'rpb')
+WRAPPER_KEYS = ('state_dict', 'model', 'module')
+
+
+def _history_buffer_state(self) -> dict:
+    # MMEngine pickles the statistic functions of every buffer (as getattr(HistoryBuffer, name)); they are
+    # class-level registrations restored at import, and getattr cannot be allow-listed safely.
+    return {k: v for k, v in self.__dict__.items() if k != 'statistics_methods'}
+
+
+def register_safe_globals() -> None:
+    """Make checkpoints written by MMEngine loadable with ``torch.load(weights_only=True)`` (torch >= 2.6).
+
+    MMEngine 0.10 stores its message hub (``HistoryBuffer`` objects holding numpy arrays) and numpy scalars;
+    these few plain-data types are allow-listed, nothing else is, and the ``weights_only`` safety stays on.
+    ``HistoryBuffer`` is also made to pickle without its statistic functions, which only ``getattr`` could
+    restore. Checkpoints saved by a plain MMEngine run before this import still carry them.
+    """
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    HistoryBuffer.__getstate__ = _history_buffer_state
+    dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32,
+                                                  np.int8, np.uint8, np.bool_)]
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes])
+
+
+def unwrap_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: handles 'state_dict' / 'model' wrappers and 'module.' prefixes."""
+    state = checkpoint
+    while isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
+        wrapper = next((k for k in WRAPPER_KEYS if k in state), None)
+        if wrapper is None:
+            raise KeyError(f'No weights found in checkpoint; top-level keys: {sorted(state)[:10]}')
+        state = state[wrapper]
+    return OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state.items() if torch.is_tensor(v))
+
+
+def _strip_prefix(state: Dict[str, torch.Tensor], prefix: Optional[str]) -> Dict[str, torch.Tensor]:
+    # Whole detectors / segmentors keep the backbone under 'backbone.'; the rest (neck, heads) is dropped.
+    if prefix is None:
+        prefix = 'backbone.' if any(k.startswith('backbone.') for k in state) else ''
+    if not prefix:
+        return state
+    kept = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+    if not kept:
+        raise KeyError(f'No key of the checkpoint starts with {prefix!r}')
+    return kept
+
+
+def resize_bias_table(name: str, table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Bicubically resizes a relative position bias table to ``shape``."""
+    if name.endswith('relative_position_bias_table'):   # ((2w-1)^2, heads)
+        src, dst = int(table.shape[0] ** 0.5), int(shape[0] ** 0.5)
+        grid = table.T.reshape(1, -1, src, src)
+        return F.interpolate(grid.float(), size=(dst, dst), mode='bicubic', align_corners=True
+                             ).to(table.dtype).reshape(-1, dst * dst).T
+    # rpe_table / rpb: (heads, h, w)
+    return F.interpolate(table[None].float(), size=tuple(shape[1:]), mode='bicubic', align_corners=True
+                         )[0].to(table.dtype)
+
+
+def _short(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f' ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor],
+                     prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Maps a checkpoint's tensors onto ``model``'s state dict.
+
+    Drops classifier weights and recomputable buffers, resizes bias tables whose size differs, and raises a
+    ``ValueError`` that names the offending keys if anything else is missing, unexpected or mis-shaped
+    (the output norms, which no classification checkpoint has, may be missing).
+    """
+    state = _strip_prefix(state, prefix)
+    own = model.state_dict()
+    adapted, unexpected, mismatched = OrderedDict(), [], []
+    for key, value in state.items():
+        if key.startswith(CLASSIFIER_PREFIXES) or key.rsplit('.', 1)[-1] in RECOMPUTED_BUFFERS:
+            continue
+        if key not in own:
+            unexpected.append(key)
+        elif value.shape != own[key].shape:
+            if key.rsplit('.', 1)[-1] in BIAS_TABLES and value.dim() == own[key].dim():
+                adapted[key] = resize_bias_table(key, value, own[key].shape)
+            else:
+                mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
+        else:
+            adapted[key] = value
+    missing = [k for k in own if k not in adapted and not re.match(r'norm\d\.', k)]
+    problems: List[str] = []
+    if missing:
+        problems.append(f'{len(missing)} missing: {_short(missing)}')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected: {_short(unexpected)}')
+    if mismatched:
+        problems.append(f'{len(mismatched)} with another shape: {_short(mismatched, 4)}')
+    if problems:
+        raise ValueError('Checkpoint does not match this DAT backbone (is it for another arch?): '
+                         + '; '.join(problems))
+    return adapted
+
+
+def load_backbone_checkpoint(model: nn.Module, filename: str, prefix: Optional[str] = None) -> None:
+    """Loads the authors' (or our) checkpoint into a DAT backbone: see :func:`adapt_state_dict`."""
+    from mmengine.logging import print_log
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    adapted = adapt_state_dict(model, unwrap_state_dict(checkpoint), prefix)
+    result = model.load_state_dict(adapted, strict=False)
+    print_log(f'Loaded {len(adapted)} tensors from {filename}; left at their initial values: '
+              f'{_short(result.missing_keys) or "none"}', logger='current')

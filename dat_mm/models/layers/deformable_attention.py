@@ -1,0 +1,131 @@
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import LayerNorm2d
+
+
+def _grid(height: int, width: int, shift: float, by_last_index: bool, device: torch.device,
+          dtype: torch.dtype) -> torch.Tensor:
+    """(H, W, 2) points (y, x) at ((i + shift) / D) * 2 - 1 on each axis, D = n - 1 if ``by_last_index`` else n.
+
+    Where D is 0 (a one-pixel axis, on which the authors' code divides by zero) the point sits at the centre.
+    """
+    axes = []
+    for n in (height, width):
+        denom = n - 1 if by_last_index else n
+        index = torch.arange(n, device=device, dtype=dtype)
+        axes.append((index + shift) * (2.0 / denom) - 1.0 if denom > 0 else torch.zeros_like(index))
+    return torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=-1)
+
+
+def _coord_dtype(x: torch.Tensor) -> torch.dtype:
+    # Coordinates stay in fp32 under half precision: in bf16 neighbouring query positions collapse
+    # at detection resolution.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention ('D' blocks of DAT and DAT++).
+
+    Queries come from every pixel; keys and values from ``Hk x Wk`` points sampled from the input at
+    learned offsets around a regular reference grid (stride ``stride``). A relative position bias is
+    read from ``rpe_table`` by bilinear interpolation at the query-to-key displacement, so the table is
+    independent of the input size.
+
+    Args:
+        channels: C, = num_heads * head_dim.
+        num_heads: attention heads.
+        groups: offset groups; group ``g`` owns channels ``[g*C/groups, (g+1)*C/groups)``.
+        stride: stride of the reference grid (and of the offset conv).
+        offset_kernel: kernel of the depth-wise offset conv.
+        offset_range_factor: >= 0: offsets are ``tanh(.) * factor / Hk`` (DAT); < 0: unbounded offsets,
+            positions clamped to [-1, 1] (DAT++).
+        table_size: (h0, w0), feature size the bias table was built for; table is (heads, 2h0-1, 2w0-1).
+        version: 1 for DAT (pixel-centre reference and query grids), 2 for DAT++ (its own grids, see
+            ``_reference_points`` and ``_query_grid``).
+    """
+
+    def __init__(self, channels: int, num_heads: int, groups: int, stride: int, offset_kernel: int,
+                 offset_range_factor: float, table_size: Tuple[int, int], version: int) -> None:
+        super().__init__()
+        if channels % num_heads or num_heads % groups:
+            raise ValueError(f'channels ({channels}) must divide into num_heads ({num_heads}), '
+                             f'and num_heads into groups ({groups})')
+        if version not in (1, 2):
+            raise ValueError(f'version must be 1 (DAT) or 2 (DAT++), got {version}')
+        self.num_heads = num_heads
+        self.groups = groups
+        self.scale = (channels // num_heads) ** -0.5
+        self.offset_range_factor = offset_range_factor
+        self.version = version
+        group_channels = channels // groups
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(group_channels, group_channels, offset_kernel, stride,
+                      0 if offset_kernel == stride else offset_kernel // 2, groups=group_channels),
+            LayerNorm2d(group_channels),
+            nn.GELU(),
+            nn.Conv2d(group_channels, 2, 1, bias=False))
+        self.proj_q = nn.Conv2d(channels, channels, 1)
+        self.proj_k = nn.Conv2d(channels, channels, 1)
+        self.proj_v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
+
+    def _reference_points(self, hk: int, wk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(Hk, Wk, 2) key reference points, (y, x) in [-1, 1]: pixel centres in DAT; DAT++ divides by
+        n - 1 instead of n, which shifts its grid by half a cell."""
+        return _grid(hk, wk, 0.5, self.version == 2, device, dtype)
+
+    def _query_grid(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(H, W, 2) query positions, (y, x) in [-1, 1]: pixel centres in DAT, i / (n - 1) in DAT++."""
+        return _grid(h, w, 0.5 if self.version == 1 else 0.0, self.version == 2, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W). Returns the output (B, C, H, W), the sampling positions and their reference
+        points, both (B, groups, Hk, Wk, 2) in (y, x) order, normalised to [-1, 1]."""
+        batch, channels, height, width = x.shape
+        groups, heads = self.groups, self.num_heads
+        cdtype = _coord_dtype(x)
+
+        q = self.proj_q(x)
+        offset = self.conv_offset(q.reshape(batch * groups, channels // groups, height, width))
+        hk, wk = offset.shape[2:]
+        offset = offset.permute(0, 2, 3, 1).to(cdtype)            # (B*g, Hk, Wk, 2)
+        ref = self._reference_points(hk, wk, x.device, cdtype)
+        if self.offset_range_factor >= 0:
+            scale = offset.new_tensor([self.offset_range_factor / hk, self.offset_range_factor / wk])
+            pos = ref + offset.tanh() * scale
+        else:
+            pos = (ref + offset).clamp(-1.0, 1.0)
+
+        sampled = F.grid_sample(x.reshape(batch * groups, channels // groups, height, width).to(cdtype),
+                                pos.flip(-1), mode='bilinear', align_corners=True).to(x.dtype)
+        sampled = sampled.reshape(batch, channels, hk, wk)
+        num_keys = hk * wk
+        k = self.proj_k(sampled).reshape(batch * heads, -1, num_keys)
+        v = self.proj_v(sampled).reshape(batch * heads, -1, num_keys)
+        q = q.reshape(batch * heads, -1, height * width)
+
+        out = self._attend(q, k, v, pos.reshape(batch * groups, num_keys, 2), height, width)
+        out = self.proj_out(out.reshape(batch, channels, height, width))
+        return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                height: int, width: int) -> torch.Tensor:
+        """Reference path. q: (B*heads, d, HW); k, v: (B*heads, d, Ns); pos: (B*g, Ns, 2).
+
+        Returns (B*heads, d, HW).
+        """
+        groups = pos.shape[0]
+        batch = groups // self.groups
+        scores = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
+        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(1, -1, 1, 2)
+        displacement = (query - pos[:, None]) * 0.5                     # (B*g, HW, Ns, 2)
+        table = self.rpe_table.to(pos.dtype).expand(batch, -1, -1, -1)
+        table = table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
+        scores = scores + bias.reshape(scores.shape).to(scores.dtype)
+        return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)

@@ -1,0 +1,40 @@
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+class Mlp(nn.Module):
+    """DAT v1 feed-forward: Linear(C, rC) -> GELU -> Linear(rC, C), applied per pixel.
+
+    Submodule names (``chunk.linear1`` / ``chunk.linear2``) follow the authors' checkpoints.
+    """
+
+    def __init__(self, channels: int, expansion: int = 4) -> None:
+        super().__init__()
+        hidden = channels * expansion
+        self.chunk = nn.Sequential(OrderedDict(
+            linear1=nn.Linear(channels, hidden), act=nn.GELU(), linear2=nn.Linear(hidden, channels)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return self.chunk(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvFFN(nn.Module):
+    """DAT++ feed-forward: 1x1 conv C -> rC, x + DWConv3x3(x), GELU, 1x1 conv rC -> C."""
+
+    def __init__(self, channels: int, expansion: int = 4) -> None:
+        super().__init__()
+        hidden = channels * expansion
+        # Single-element Sequentials keep the authors' key names (linear1.0, linear2.0).
+        self.linear1 = nn.Sequential(nn.Conv2d(channels, hidden, 1))
+        self.dwc = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.linear2 = nn.Sequential(nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x = self.linear1(x)
+        x = x + self.dwc(x)
+        return self.linear2(self.act(x))
