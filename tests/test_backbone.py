@@ -1,0 +1,129 @@
+"""Behaviour of the DAT backbone beyond the golden numbers: sizes, options, errors, precision, loading."""
+import json
+
+import pytest
+import torch
+
+from dat_mm import DAT
+from golden import arch_from_authors_kwargs, golden_model, load_bundle, rel_err
+
+
+def mini_arch(name: str) -> dict:
+    return arch_from_authors_kwargs(json.loads(load_bundle(name)['kwargs']))
+
+
+@pytest.fixture(scope='module', params=['v1', 'pp'])
+def arch(request):
+    return mini_arch(request.param)
+
+
+@pytest.mark.parametrize('size', [(97, 133), (64, 200), (35, 47)])
+def test_any_input_size_gives_finite_features_of_the_right_shape(arch, size):
+    model = DAT(arch=arch).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(3, 3, *size))
+    h, w = size
+    for i, f in enumerate(feats):
+        stride = 4 * 2 ** i
+        # v1 patchifies (floor), DAT++ convolves with padding (ceil).
+        expect = (h // stride, w // stride) if arch['version'] == 1 else (-(-h // stride), -(-w // stride))
+        assert f.shape == (3, arch['dims'][i], *expect)
+        assert torch.isfinite(f).all()
+
+
+def test_degenerate_one_pixel_stages_are_finite(arch):
+    # 32x32 (v1) and 8x8 (DAT++) leave 1x1 maps in the deepest stages, where the authors' grids divide by 0.
+    size = 32 if arch['version'] == 1 else 8
+    model = DAT(arch=arch).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, size, size))
+    assert feats[-1].shape[-2:] == (1, 1)
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_out_indices_select_normalised_stages(arch):
+    model = DAT(arch=arch, out_indices=(1, 3)).eval()
+    feats = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [arch['dims'][1], arch['dims'][3]]
+    assert not hasattr(model, 'norm0') and hasattr(model, 'norm3')
+    # Each output passed through its own LayerNorm: unit variance over channels at every pixel.
+    var = feats[1].var(dim=1, unbiased=False)
+    assert torch.allclose(var, torch.ones_like(var), atol=1e-3)
+
+
+def test_batch_elements_are_independent(arch):
+    model = DAT(arch=arch).eval()
+    x = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        together = model(x)
+        alone = model(x[1:2])
+    for a, b in zip(together, alone):
+        assert torch.allclose(a[1:2], b, atol=1e-5)
+
+
+@pytest.mark.parametrize('bad', [torch.randn(3, 64, 64), torch.randn(1, 4, 64, 64)], ids=['3d', '4ch'])
+def test_wrong_input_raises_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\)'):
+        DAT(arch='tiny++')(bad)
+
+
+def test_v1_input_smaller_than_32_is_rejected():
+    with pytest.raises(ValueError, match='at least 32'):
+        DAT(arch='tiny')(torch.randn(1, 3, 31, 64))
+
+
+@pytest.mark.parametrize('kwargs,error', [
+    (dict(arch='huge'), KeyError), (dict(arch=dict(version=3)), KeyError),
+    (dict(arch={**mini_arch('pp'), 'blocks': ['NL'] * 4}), ValueError),
+    (dict(arch='tiny', frozen_stages=5), ValueError), (dict(arch='tiny', out_indices=(0, 0)), ValueError)])
+def test_bad_configs_are_rejected(kwargs, error):
+    with pytest.raises(error):
+        DAT(**kwargs)
+
+
+def test_frozen_stages_stay_frozen_through_train(arch):
+    model = DAT(arch=arch, frozen_stages=2)
+    model.train()
+    frozen = [model.patch_proj, model.stages[0], model.stages[1], model.down_projs[0], model.norm0, model.norm1]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    assert model.stages[2].training and model.down_projs[1].training
+    feats = model(torch.randn(1, 3, 64, 64))
+    sum(f.sum() for f in feats).backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for p in model.stages[3].parameters())
+
+
+def test_checkpointing_gives_the_same_outputs_and_gradients(arch):
+    torch.manual_seed(0)
+    plain = DAT(arch=arch, drop_path_rate=0.0)
+    plain.init_weights()
+    ckpt = DAT(arch=arch, with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        feats = model(x)
+        sum((f * f).sum() for f in feats).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(plain(x), ckpt(x)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize('name', ['v1', 'pp'])
+def test_bf16_autocast_stays_close_to_fp32(name):
+    model, bundle = golden_model(name, torch.float32)
+    x = bundle['cases']['224x224_b2']['input'].float()
+    with torch.no_grad():
+        ref, ref_points = model(x, return_points=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low, low_points = model(x, return_points=True)
+    for a, b in zip(low, ref):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a.float(), b) < 0.1
+    # Sampling coordinates never leave fp32.
+    deformable = [p for stage in low_points for p in stage if p is not None]
+    assert deformable and all(p[0].dtype == torch.float32 for p in deformable)

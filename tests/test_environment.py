@@ -1,0 +1,96 @@
+"""The OpenMMLab stack the project stands on: compiled mmcv ops, mmdet, mmseg, and checkpoint resume."""
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import dat_mm  # noqa: F401  (registers the safe globals under test)
+
+
+def test_mmcv_nms_suppresses_the_overlapping_box():
+    from mmcv.ops import nms
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.], [50., 50., 60., 60.]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    dets, keep = nms(boxes, scores, iou_threshold=0.5)   # IoU of the first two is 81 / 119 = 0.68
+    assert keep.tolist() == [0, 2]
+    assert torch.allclose(dets[:, 4], torch.tensor([0.9, 0.7]))
+
+
+def test_mmcv_roi_align_averages_bilinear_samples():
+    from mmcv.ops import RoIAlign
+    feature = torch.arange(8.).repeat(1, 1, 8, 1)          # f(y, x) = x
+    roi = torch.tensor([[0., 0., 0., 4., 4.]])
+    out = RoIAlign((2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)(feature, roi)
+    # aligned=True shifts by half a pixel: bin samples at x = 0, 1 and 2, 3.
+    assert torch.allclose(out, torch.tensor([[[[0.5, 2.5], [0.5, 2.5]]]]))
+
+
+def test_mmdet_and_mmseg_compute_known_values():
+    from mmdet.structures.bbox import bbox_overlaps
+    from mmseg.evaluation.metrics import IoUMetric
+    iou = bbox_overlaps(torch.tensor([[0., 0., 10., 10.]]), torch.tensor([[5., 0., 15., 10.]]))
+    assert torch.allclose(iou, torch.tensor([[50. / 150.]]))
+    pred = torch.tensor([[0, 1], [1, 1]])
+    label = torch.tensor([[0, 0], [1, 1]])
+    inter, union, _, _ = IoUMetric.intersect_and_union(pred, label, num_classes=2, ignore_index=255)
+    assert inter.tolist() == [1, 2] and union.tolist() == [2, 3]
+
+
+class _Toy(nn.Module):
+    pass
+
+
+def _toy_runner(work_dir, max_iters, resume):
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class ToyModel(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+
+        def forward(self, inputs, targets=None, mode='tensor'):
+            out = self.linear(inputs)
+            return dict(loss=((out - targets) ** 2).mean()) if mode == 'loss' else out
+
+    class ToyData(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return dict(inputs=torch.randn(2, generator=g), targets=torch.randn(1, generator=g))
+
+    return Runner(
+        model=ToyModel(), work_dir=str(work_dir), experiment_name=f'toy{max_iters}',
+        train_dataloader=dict(dataset=ToyData(), sampler=dict(type='DefaultSampler', shuffle=True),
+                              batch_size=2, num_workers=0, collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False)),
+        resume=resume, log_level='WARNING')
+
+
+def test_runner_resumes_from_its_own_checkpoint(tmp_path):
+    first = _toy_runner(tmp_path, 2, resume=False)
+    first.train()
+    saved = {k: v.clone() for k, v in first.model.state_dict().items()}
+    # Loads under torch's default weights_only=True, message hub and numpy meta included.
+    checkpoint = torch.load(tmp_path / 'iter_2.pth')
+    assert checkpoint['meta']['iter'] == 2 and 'message_hub' in checkpoint
+
+    second = _toy_runner(tmp_path, 4, resume=True)
+    second.load_or_resume()
+    assert second.iter == 2
+    assert all(torch.equal(v, saved[k]) for k, v in second.model.state_dict().items())
+    assert second.optim_wrapper.optimizer.state_dict()['state']   # momentum buffers came back
+    second.train()
+    assert second.iter == 4
+
+
+def test_safe_globals_do_not_admit_arbitrary_objects(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'obj': _Toy()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path)
