@@ -1,0 +1,8 @@
+_base_ = './cascade-mask-rcnn_dat-t++_fpn_ms-crop-3x_coco.py'
+
+model = dict(
+    backbone=dict(arch='small++', drop_path_rate=0.5,
+                  init_cfg=dict(checkpoint='checkpoints/dat_pp_small_in1k_224.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
+# The authors trained this one in fp32.
+optim_wrapper = dict(type='OptimWrapper')

@@ -1,0 +1,12 @@
+# DAT (v1) with the Swin Cascade Mask R-CNN 3x recipe.
+_base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py', 'mmdet::_base_/datasets/coco_instance.py',
+          './_base_/dat_coco.py']
+
+model = dict(
+    backbone=dict(_delete_=True, type='dat_mm.DAT', arch='tiny', drop_path_rate=0.2, with_cp=True,
+                  init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_tiny_in1k_224.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+    roi_head=dict(bbox_head=_base_.cascade_bbox_heads))
+train_dataloader = dict(dataset=dict(pipeline=_base_.ms_crop_mask_pipeline))
+train_cfg = dict(max_epochs=36)
+param_scheduler = _base_.schedule_3x

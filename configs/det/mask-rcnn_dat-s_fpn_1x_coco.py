@@ -1,0 +1,6 @@
+_base_ = './mask-rcnn_dat-t_fpn_1x_coco.py'
+
+model = dict(
+    backbone=dict(arch='small', drop_path_rate=0.3,
+                  init_cfg=dict(checkpoint='checkpoints/dat_small_in1k_224.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))

@@ -1,0 +1,74 @@
+"""Every detection config builds; one per detector type and family trains and predicts on CPU."""
+import pytest
+import torch
+
+from configs import build_model, config_files, count_params, load_config
+
+DET_CONFIGS = config_files('det')
+SMOKE = ['retinanet_dat-t++_fpn_ms-crop-1x_coco.py', 'mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py',
+         'cascade-mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py', 'retinanet_dat-t_fpn_1x_coco.py',
+         'mask-rcnn_dat-t_fpn_1x_coco.py', 'cascade-mask-rcnn_dat-t_fpn_ms-crop-3x_coco.py']
+
+
+def test_the_model_zoo_is_complete():
+    assert len(DET_CONFIGS) == 27
+    assert set(SMOKE) <= set(DET_CONFIGS)
+
+
+@pytest.mark.parametrize('name', DET_CONFIGS)
+def test_config_builds_with_its_recipe(name):
+    cfg = load_config('det', name)
+    model = build_model(cfg, 'mmdet')
+    assert type(model.backbone).__name__ == 'DAT'
+    assert cfg.custom_imports.imports == ['dat_mm']
+    arch = model.backbone.arch
+    assert model.neck.in_channels == [arch['dims'][i] for i in model.backbone.out_indices]
+    assert cfg.model.backbone.with_cp
+    assert cfg.train_cfg.max_epochs == (36 if '3x' in name else 12)
+    assert cfg.param_scheduler[1].milestones == ([27, 33] if '3x' in name else [8, 11])
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys['rpe_table'].decay_mult == 0
+    if '++' in name:   # the DAT++ authors' recipe
+        assert cfg.auto_scale_lr.base_batch_size == 64
+        assert cfg.param_scheduler[0].end == 500
+        assert cfg.optim_wrapper.optimizer.lr == (2e-4 if name.startswith('retinanet') else 4e-4)
+        fp32 = name.startswith(('cascade-mask-rcnn_dat-s++', 'cascade-mask-rcnn_dat-b++'))
+        assert cfg.optim_wrapper.type == ('OptimWrapper' if fp32 else 'AmpOptimWrapper')
+    else:              # the Swin recipe
+        assert cfg.optim_wrapper.optimizer.lr == 1e-4 and cfg.param_scheduler[0].end == 1000
+    if 'ms-crop' in name:
+        assert any(t.type == 'RandomChoice' for t in cfg.train_dataloader.dataset.pipeline)
+
+
+# The DAT paper's sizes (../shared/spec/DAT.md section 6), millions of parameters.
+@pytest.mark.parametrize('name,published', [('mask-rcnn_dat-t_fpn_1x_coco.py', 48),
+                                            ('mask-rcnn_dat-s_fpn_1x_coco.py', 69),
+                                            ('cascade-mask-rcnn_dat-s_fpn_ms-crop-3x_coco.py', 107)])
+def test_parameter_counts_match_the_paper(name, published):
+    params = count_params(build_model(load_config('det', name), 'mmdet'))
+    assert abs(params - published) / published < 0.02, params
+
+
+@pytest.mark.parametrize('name', SMOKE)
+def test_loss_and_predict_on_a_random_batch(name):
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    model = build_model(load_config('det', name), 'mmdet')
+    data = model.data_preprocessor(
+        demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 160), (3, 96, 128)], num_items=[3, 2],
+                       num_classes=80, with_mask='mask' in name), training=True)
+    model.train()
+    losses = model(**data, mode='loss')
+    total, _ = model.parse_losses(losses)
+    assert torch.isfinite(total) and total > 0
+    total.backward()
+    assert model.backbone.patch_proj[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        results = model(**data, mode='predict')
+    assert len(results) == 2
+    for res in results:
+        inst = res.pred_instances
+        assert inst.bboxes.shape[1] == 4 and torch.isfinite(inst.bboxes).all()
+        assert ((inst.labels >= 0) & (inst.labels < 80)).all()
+        if 'mask' in name:
+            assert inst.masks.shape[0] == len(inst.bboxes)
