@@ -1,17 +1,11 @@
 # What every DAT detector shares: the backbone package, AdamW without decay on norms and bias tables, and
 # the Swin detection schedule (lr 1e-4, 1000-iteration warm-up, steps at 8/11 of 12 epochs, batch 16 =
 # 8 GPUs x 2 images) that the DAT v1 paper followed. DAT++ changes it in dat-pp_coco.py.
-_base_ = ['mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py']
-
-custom_imports = dict(imports=['dat_mm'], allow_failed_imports=False)
+_base_ = ['mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py', '../../_base_/dat.py']
 
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(custom_keys={
-        'norm': dict(decay_mult=0.),
-        'rpe_table': dict(decay_mult=0.),
-        'relative_position_bias_table': dict(decay_mult=0.),
-        'absolute_pos_embed': dict(decay_mult=0.)}))
+    paramwise_cfg=_base_.dat_paramwise_cfg)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
     dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1)]
