@@ -33,11 +33,12 @@ def arch_from_authors_kwargs(kwargs: dict) -> dict:
     return arch
 
 
-def golden_model(name: str, dtype=torch.float64) -> tuple:
-    """(model in eval mode with the bundle's weights, bundle)."""
+def golden_model(name: str, dtype=torch.float64, reference: bool = False) -> tuple:
+    """(model in eval mode with the bundle's weights, bundle); ``reference`` selects the plain attention."""
     bundle = load_bundle(name)
     kwargs = json.loads(bundle['kwargs'])
-    model = DAT(arch=arch_from_authors_kwargs(kwargs), pretrain_img_size=kwargs['img_size'])
+    model = DAT(arch=arch_from_authors_kwargs(kwargs), pretrain_img_size=kwargs['img_size'],
+                reference_attention=reference)
     from dat_mm.checkpoint import adapt_state_dict
     model.load_state_dict(adapt_state_dict(model, bundle['state_dict']), strict=False)
     return model.to(dtype).eval(), bundle

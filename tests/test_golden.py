@@ -11,12 +11,14 @@ from golden import GOLDEN_DIR, golden_model, load_bundle, loss_weights, rel_err,
 CASES = [('v1', '224x224_b2'), ('v1', '224x224_b1_grads'), ('pp', '224x224_b2'), ('pp', '224x224_b1_grads'),
          ('pp', '200x328_b1'), ('pp', '96x96_b1')]
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
+PATHS = pytest.mark.parametrize('reference', [False, True], ids=['fast', 'reference'])
 
 
+@PATHS
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
 @pytest.mark.parametrize('name,case', CASES, ids=[f'{n}-{c}' for n, c in CASES])
-def test_stage_outputs_match_authors(name, case, dtype):
-    model, bundle = golden_model(name, dtype)
+def test_stage_outputs_match_authors(name, case, dtype, reference):
+    model, bundle = golden_model(name, dtype, reference)
     ref = bundle['cases'][case]
     with torch.no_grad():
         outs = stage_outputs(model, ref['input'].to(dtype))
@@ -41,9 +43,10 @@ def test_sampling_points_match_authors():
     assert compared == 2
 
 
+@PATHS
 @pytest.mark.parametrize('name', ['v1', 'pp'])
-def test_gradients_match_authors(name):
-    model, bundle = golden_model(name)
+def test_gradients_match_authors(name, reference):
+    model, bundle = golden_model(name, reference=reference)
     ref = bundle['cases']['224x224_b1_grads']
     x = ref['input'].double().requires_grad_()
     outs = stage_outputs(model, x)
@@ -86,3 +89,19 @@ def test_bundle_weights_load_completely():
     model, _ = golden_model('pp')
     loaded = {k for k in bundle['state_dict'] if not k.startswith('cls_')}
     assert loaded <= set(model.state_dict())
+
+
+@pytest.mark.parametrize('name,case', [('v1', '224x224_b1_grads'), ('pp', '224x224_b1_grads')])
+def test_fast_path_split_into_many_chunks_matches_authors(name, case, monkeypatch):
+    from dat_mm.models.layers import deformable_attention
+    monkeypatch.setattr(deformable_attention, 'CHUNK_ELEMENTS', 4096)   # a few query rows per chunk
+    model, bundle = golden_model(name)
+    ref = bundle['cases'][case]
+    x = ref['input'].double().requires_grad_()
+    outs = stage_outputs(model, x)
+    assert max(rel_err(o, r) for o, r in zip(outs, ref['stage_outputs'])) < 1e-6
+    sum((o * w).sum() for o, w in zip(outs, loss_weights(outs))).backward()
+    assert rel_err(x.grad, ref['grad_input']) < 1e-5
+    params = dict(model.named_parameters())
+    for key in ('stages.2.attns.1.rpe_table', 'stages.3.attns.1.conv_offset.0.weight'):
+        assert rel_err(params[key].grad, ref['grads'][key]) < 1e-5

@@ -75,7 +75,8 @@ class DATStage(nn.Module):
 
     def __init__(self, version: int, channels: int, depth: int, num_heads: int, groups: int,
                  pattern: str, stride: int, offset_kernel: int, offset_range_factor: float,
-                 table_size: Tuple[int, int], drop_path: Sequence[float], with_cp: bool) -> None:
+                 table_size: Tuple[int, int], drop_path: Sequence[float], with_cp: bool,
+                 reference_attention: bool) -> None:
         super().__init__()
         self.with_cp = with_cp
         self.block_types = [pattern[i % len(pattern)] for i in range(depth)]
@@ -84,9 +85,9 @@ class DATStage(nn.Module):
         for kind in self.block_types:
             if kind == 'D':
                 attns.append(DeformableAttention(channels, num_heads, groups, stride, offset_kernel,
-                                                 offset_range_factor, table_size, version))
+                                                 offset_range_factor, table_size, version, reference_attention))
             elif kind == 'N':
-                attns.append(NeighborhoodAttention(channels, num_heads))
+                attns.append(NeighborhoodAttention(channels, num_heads, reference=reference_attention))
             else:
                 attns.append(WindowAttention(channels, num_heads, shifted=kind == 'S'))
         self.attns = nn.ModuleList(attns)
@@ -138,6 +139,8 @@ class DAT(BaseModule):
         frozen_stages: freeze the stem and stages ``0 .. frozen_stages - 1`` (-1: nothing frozen).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         with_cp: activation checkpointing (non-reentrant) of every block while training.
+        reference_attention: run the plain deformable and neighborhood attention, which hold every
+            (query, key) tensor of a block at once; same numbers, slower, much more memory. For checks.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint='dat_pp_tiny_in1k_224.pth')``; the authors'
             ImageNet checkpoints load as they are (see :func:`dat_mm.checkpoint.load_backbone_checkpoint`).
     """
@@ -150,6 +153,7 @@ class DAT(BaseModule):
                  frozen_stages: int = -1,
                  drop_path_rate: float = 0.0,
                  with_cp: bool = False,
+                 reference_attention: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch)
@@ -179,7 +183,7 @@ class DAT(BaseModule):
                 self.version, dims[i], depths[i], self.arch['heads'][i], self.arch['groups'][i],
                 self.arch['blocks'][i], self.arch['strides'][i], self.arch['offset_kernels'][i],
                 self.arch['offset_range_factor'], (side, side),
-                rates[sum(depths[:i]):sum(depths[:i + 1])], with_cp))
+                rates[sum(depths[:i]):sum(depths[:i + 1])], with_cp, reference_attention))
         kernel, padding = (2, 0) if self.version == 1 else (3, 1)
         self.down_projs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], kernel, 2, padding, bias=False),

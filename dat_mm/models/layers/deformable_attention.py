@@ -2,6 +2,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from torch import nn
 
 from .norm import LayerNorm2d
@@ -19,6 +20,10 @@ def _grid(height: int, width: int, shift: float, by_last_index: bool, device: to
         index = torch.arange(n, device=device, dtype=dtype)
         axes.append((index + shift) * (2.0 / denom) - 1.0 if denom > 0 else torch.zeros_like(index))
     return torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=-1)
+
+
+# Elements of one chunk's (batch * heads, queries, keys) bias in the fast path: 64 MB in fp32.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _coord_dtype(x: torch.Tensor) -> torch.dtype:
@@ -46,11 +51,16 @@ class DeformableAttention(nn.Module):
         table_size: (h0, w0), feature size the bias table was built for; table is (heads, 2h0-1, 2w0-1).
         version: 1 for DAT (pixel-centre reference and query grids), 2 for DAT++ (its own grids, see
             ``_reference_points`` and ``_query_grid``).
+        reference: use the plain path, which materialises the (queries, keys) displacement grid, bias,
+            scores and softmax of every head at once; the default path does the same arithmetic in chunks of
+            query rows and recomputes them in backward instead of storing them.
     """
 
     def __init__(self, channels: int, num_heads: int, groups: int, stride: int, offset_kernel: int,
-                 offset_range_factor: float, table_size: Tuple[int, int], version: int) -> None:
+                 offset_range_factor: float, table_size: Tuple[int, int], version: int,
+                 reference: bool = False) -> None:
         super().__init__()
+        self.reference = reference
         if channels % num_heads or num_heads % groups:
             raise ValueError(f'channels ({channels}) must divide into num_heads ({num_heads}), '
                              f'and num_heads into groups ({groups})')
@@ -109,9 +119,19 @@ class DeformableAttention(nn.Module):
         v = self.proj_v(sampled).reshape(batch * heads, -1, num_keys)
         q = q.reshape(batch * heads, -1, height * width)
 
-        out = self._attend(q, k, v, pos.reshape(batch * groups, num_keys, 2), height, width)
+        attend = self._attend if self.reference else self._attend_chunked
+        out = attend(q, k, v, pos.reshape(batch * groups, num_keys, 2), height, width)
         out = self.proj_out(out.reshape(batch, channels, height, width))
         return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
+
+    def _bias(self, query: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B*heads, M, Ns) bias of M query positions (M, 2) towards the keys at pos (B*g, Ns, 2)."""
+        groups = pos.shape[0]
+        displacement = (query[None, :, None] - pos[:, None]) * 0.5                 # (B*g, M, Ns, 2)
+        table = self.rpe_table.to(pos.dtype).expand(groups // self.groups, -1, -1, -1)
+        table = table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
+        return bias.reshape(-1, query.shape[0], pos.shape[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                 height: int, width: int) -> torch.Tensor:
@@ -119,13 +139,34 @@ class DeformableAttention(nn.Module):
 
         Returns (B*heads, d, HW).
         """
-        groups = pos.shape[0]
-        batch = groups // self.groups
         scores = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
-        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(1, -1, 1, 2)
-        displacement = (query - pos[:, None]) * 0.5                     # (B*g, HW, Ns, 2)
-        table = self.rpe_table.to(pos.dtype).expand(batch, -1, -1, -1)
-        table = table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
-        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
-        scores = scores + bias.reshape(scores.shape).to(scores.dtype)
+        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(-1, 2)
+        scores = scores + self._bias(query, pos).to(scores.dtype)
         return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                     query: torch.Tensor) -> torch.Tensor:
+        """q: (B*heads, M, d) for the M query positions ``query`` (M, 2); k, v: (B*heads, Ns, d)."""
+        bias = self._bias(query, pos).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+
+    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                        height: int, width: int) -> torch.Tensor:
+        """Fast path, same arguments and result as :meth:`_attend`.
+
+        Bias, scores and softmax exist for one chunk of query rows at a time (fused in
+        ``scaled_dot_product_attention``); under autograd each chunk is recomputed in backward rather than
+        kept, so neither pass holds a (queries, keys) tensor of the whole map.
+        """
+        batch_heads, num_keys = k.shape[0], k.shape[2]
+        rows = max(1, min(height, CHUNK_ELEMENTS // (batch_heads * width * num_keys)))
+        query = self._query_grid(height, width, pos.device, pos.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pos, self.rpe_table))
+        outs = []
+        for start in range(0, height, rows):
+            stop = min(height, start + rows)
+            args = (q[:, start * width:stop * width], k, v, pos, query[start:stop].reshape(-1, 2))
+            outs.append(cp.checkpoint(self._attend_rows, *args, use_reentrant=False) if recompute
+                        else self._attend_rows(*args))
+        return torch.cat(outs, dim=1).transpose(1, 2)

@@ -14,6 +14,24 @@ def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.
     return start[:, None] + torch.arange(kernel_size, device=device)
 
 
+def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
+    """One axis cut into query tiles, each with the key region that holds all its windows.
+
+    Returns (queries (T, tile) clamped into the map, keys (T, R), bias index (T, tile, R)), where the bias
+    index is ``key - query + k - 1`` for keys inside the query's window and -1 outside it. The last tile may
+    run past the map; its extra queries read the last row and are cropped away afterwards.
+    """
+    n_tiles = -(-length // tile)
+    region = min(tile + kernel_size - 1, length)
+    starts = torch.arange(n_tiles, device=device) * tile
+    queries = starts[:, None] + torch.arange(tile, device=device)
+    keys = (starts - kernel_size // 2).clamp(0, length - region)[:, None] + torch.arange(region, device=device)
+    window = (queries - kernel_size // 2).clamp(0, length - kernel_size)[:, :, None]
+    key = keys[:, None, :]
+    inside = (key >= window) & (key < window + kernel_size)
+    return queries.clamp(max=length - 1), keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
+
+
 class NeighborhoodAttention(nn.Module):
     """2-D neighborhood attention ('N' blocks of DAT++), pure PyTorch, numerically NATTEN 0.14.6.
 
@@ -22,8 +40,12 @@ class NeighborhoodAttention(nn.Module):
     zero-padded at the bottom/right before the qkv projection and cropped afterwards.
     """
 
-    def __init__(self, channels: int, num_heads: int, kernel_size: int = 7) -> None:
+    def __init__(self, channels: int, num_heads: int, kernel_size: int = 7, reference: bool = False) -> None:
         super().__init__()
+        # The reference path gathers every query's window (49 copies of k and v); the default path attends
+        # tiles of queries to the key region around them, about 3.4 copies.
+        self.reference = reference
+        self.tile = kernel_size
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.scale = (channels // num_heads) ** -0.5
@@ -40,9 +62,7 @@ class NeighborhoodAttention(nn.Module):
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, key, value = qkv[0] * self.scale, qkv[1], qkv[2]   # (B, heads, Hp, Wp, d)
-        iy = _window_index(hp, k, x.device)
-        ix = _window_index(wp, k, x.device)
-        out = self._attend(q, key, value, iy, ix)
+        out = self._attend(q, key, value) if self.reference else self._attend_tiled(q, key, value)
         out = self.proj(out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels))
         return out[:, :height, :width].permute(0, 3, 1, 2)
 
@@ -53,12 +73,35 @@ class NeighborhoodAttention(nn.Module):
         bx = ix - torch.arange(ix.shape[0], device=ix.device)[:, None] + k - 1
         return self.rpb[:, by[:, None, :, None], bx[None, :, None, :]]
 
-    def _attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-        """Reference path: gathers every query's k x k keys and values. Returns (B, heads, Hp, Wp, d)."""
+    def _attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Reference path: gathers every query's k x k keys and values. (B, heads, Hp, Wp, d) in and out."""
+        iy = _window_index(q.shape[2], self.kernel_size, q.device)
+        ix = _window_index(q.shape[3], self.kernel_size, q.device)
         rows, cols = iy[:, None, :, None], ix[None, :, None, :]
         key_n = key[:, :, rows, cols]                 # (B, heads, Hp, Wp, k, k, d)
         value_n = value[:, :, rows, cols]
         scores = torch.einsum('bhijd,bhijuvd->bhijuv', q, key_n) + self._bias(iy, ix)
         attn = scores.flatten(-2).softmax(-1).view_as(scores)
         return torch.einsum('bhijuv,bhijuvd->bhijd', attn, value_n)
+
+    def _attend_tiled(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a mask that keeps
+        only the queries' own windows; same result as :meth:`_attend`. (B, heads, Hp, Wp, d) in and out."""
+        batch, heads, hp, wp, dim = q.shape
+        t = self.tile
+        qy, ky, by = _tiles(hp, self.kernel_size, t, q.device)
+        qx, kx, bx = _tiles(wp, self.kernel_size, t, q.device)
+        n_ty, n_tx, ry, rx = qy.shape[0], qx.shape[0], ky.shape[1], kx.shape[1]
+        queries = q[:, :, qy[:, None, :, None], qx[None, :, None, :]]     # (B, heads, Ty, Tx, t, t, d)
+        rows, cols = ky[:, None, :, None], kx[None, :, None, :]
+        keys, values = key[:, :, rows, cols], value[:, :, rows, cols]      # (B, heads, Ty, Tx, Ry, Rx, d)
+        by, bx = by[:, None, :, None, :, None], bx[None, :, None, :, None, :]
+        bias = self.rpb[:, by.clamp(min=0), bx.clamp(min=0)]              # (heads, Ty, Tx, t, t, Ry, Rx)
+        bias = bias.masked_fill((by < 0) | (bx < 0), float('-inf'))
+        tiles = heads * n_ty * n_tx
+        out = F.scaled_dot_product_attention(
+            queries.reshape(batch, tiles, t * t, dim), keys.reshape(batch, tiles, ry * rx, dim),
+            values.reshape(batch, tiles, ry * rx, dim), attn_mask=bias.reshape(tiles, t * t, ry * rx).to(q.dtype),
+            scale=1.0)   # q is already scaled
+        out = out.reshape(batch, heads, n_ty, n_tx, t, t, dim).permute(0, 1, 2, 4, 3, 5, 6)
+        return out.reshape(batch, heads, n_ty * t, n_tx * t, dim)[:, :, :hp, :wp]

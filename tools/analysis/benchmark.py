@@ -1,0 +1,130 @@
+"""Speed and peak memory of the DAT backbones: fast vs reference attention, next to mmdet's Swin-T.
+
+Each measurement runs in its own process (batch 1): one warm-up pass, then --reps timed passes, median
+reported. Peak memory is what the pass adds on top of the model and input: on CUDA torch's peak allocation,
+on CPU the peak resident set size (reset after set-up through /proc/self/clear_refs).
+
+    python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
+    python tools/analysis/benchmark.py --sizes 1344x800 --reps 3 --device cuda
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = {
+    'DAT-T fast': dict(arch='tiny'), 'DAT-T ref': dict(arch='tiny', reference_attention=True),
+    'DAT-T++ fast': dict(arch='tiny++'), 'DAT-T++ ref': dict(arch='tiny++', reference_attention=True),
+    'Swin-T (mmdet)': None,
+}
+
+
+def _rss_mb(field: str) -> float:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str) -> dict:
+    """Runs in the child process."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    if MODELS[name] is None:
+        from mmdet.models.backbones import SwinTransformer
+        model = SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
+    else:
+        from dat_mm import DAT
+        model = DAT(**MODELS[name])
+    model = model.to(device).train(backward)
+    x = torch.randn(1, 3, height, width, device=device)
+    cuda = device.startswith('cuda')
+
+    def step():
+        if backward:
+            sum(f.float().sum() for f in model(x)).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()   # warm-up: allocator pools, lazy initialisation
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')   # resets the peak RSS to the current RSS
+        base = _rss_mb('VmRSS')
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else _rss_mb('VmHWM') - base
+    return dict(seconds=statistics.median(times), peak_mb=peak)
+
+
+def run_child(name: str, size: tuple, backward: bool, reps: int, device: str) -> dict:
+    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device])]
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:80])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sizes', nargs='+', default=['512x512', '640x640', '1344x800'], help='WxH')
+    parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
+    parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--child', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, h, w, backward, reps, device = json.loads(args.child)
+        print(json.dumps(measure(name, h, w, backward, reps, device)))
+        return 0
+
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
+    print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}', flush=True)
+    results = {}
+    for size in args.sizes:
+        w, h = map(int, size.lower().split('x'))
+        for mode in args.modes:
+            for name in args.models:
+                r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device)
+                results[size, mode, name] = r
+                shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
+                print(f'  {size:>9} {mode:<7} {name:<15} {shown}', flush=True)
+
+    print(f"\n| size | pass | model | time (s) | peak memory (MB) | fast vs ref: speed-up | memory ratio |\n"
+          f"| --- | --- | --- | --- | --- | --- | --- |")
+    for (size, mode, name), r in results.items():
+        if 'error' in r:
+            print(f'| {size} | {mode} | {name} | {r["error"]} | | | |')
+            continue
+        ratio = ''
+        ref = results.get((size, mode, name.replace('fast', 'ref')))
+        if name.endswith('fast') and ref and 'error' not in ref:
+            ratio = f"{ref['seconds'] / r['seconds']:.2f}x | {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}"
+        else:
+            ratio = ' | '
+        print(f"| {size} | {mode} | {name} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {ratio} |")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
