@@ -29,3 +29,17 @@ def build_model(cfg: Config, scope: str):
 def count_params(model) -> float:
     """Millions of parameters."""
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def loss_and_predict(model, batch: dict):
+    """One loss + backward in train mode and one prediction in eval mode on a raw (inputs, data_samples)
+    batch. Returns (losses, total loss, predictions)."""
+    import torch
+    data = model.data_preprocessor(batch, training=True)
+    model.train()
+    losses = model(**data, mode='loss')
+    total, _ = model.parse_losses(losses)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        return losses, total, model(**data, mode='predict')

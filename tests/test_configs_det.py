@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from configs import build_model, config_files, count_params, load_config
+from configs import build_model, config_files, count_params, load_config, loss_and_predict
 
 DET_CONFIGS = config_files('det')
 SMOKE = ['retinanet_dat-t++_fpn_ms-crop-1x_coco.py', 'mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py',
@@ -53,18 +53,11 @@ def test_loss_and_predict_on_a_random_batch(name):
     from mmdet.testing import demo_mm_inputs
     torch.manual_seed(0)
     model = build_model(load_config('det', name), 'mmdet')
-    data = model.data_preprocessor(
-        demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 160), (3, 96, 128)], num_items=[3, 2],
-                       num_classes=80, with_mask='mask' in name), training=True)
-    model.train()
-    losses = model(**data, mode='loss')
-    total, _ = model.parse_losses(losses)
+    batch = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 160), (3, 96, 128)], num_items=[3, 2],
+                           num_classes=80, with_mask='mask' in name)
+    _, total, results = loss_and_predict(model, batch)
     assert torch.isfinite(total) and total > 0
-    total.backward()
     assert model.backbone.patch_proj[0].weight.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        results = model(**data, mode='predict')
     assert len(results) == 2
     for res in results:
         inst = res.pred_instances

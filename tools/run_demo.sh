@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv if needed (tools/setup_env.sh), then runs the demo.
+# The main job: sets up .venv if needed (tools/setup_env.sh), then runs the demo (tools/demo.py).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
-"$ROOT/.venv/bin/python" tools/smoke.py
+"$ROOT/.venv/bin/python" tools/demo.py "$@"

@@ -48,6 +48,10 @@ log "mmcv from $MMCV_DIR"
 log "mmdet, mmsegmentation, dat_mm"
 # mmsegmentation 1.2.2 imports ftfy and regex without declaring them.
 "${PIP[@]}" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycocotools matplotlib pytest
+# openmim for `mim train`. Its opendatalab dependency pins setuptools 60 (below torch's >= 77) and only
+# serves `mim download`, so it is left out.
+"${PIP[@]}" --no-deps "openmim==0.3.9"
+"${PIP[@]}" click colorama model-index pandas requests rich tabulate
 "${PIP[@]}" --no-deps -e "$ROOT"
 
 "$VENV/bin/python" - <<'PY'

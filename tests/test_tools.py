@@ -1,0 +1,192 @@
+"""The command-line tools: train / resume / test, checkpoint conversion, sampling-point visualisation."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dat_mm import DAT
+from golden import arch_from_authors_kwargs, load_bundle, stage_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+
+
+def _tool(args, cwd) -> str:
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope='module')
+def tiny_workspace(tmp_path_factory):
+    """A folder holding data/tiny, where the demo configs' relative data paths resolve."""
+    from make_tiny_dataset import write_dataset
+    root = tmp_path_factory.mktemp('workspace')
+    write_dataset(root / 'data' / 'tiny', seed=1, train=6, val=3, size=96)
+    return root
+
+
+@pytest.mark.parametrize('config,metric', [
+    ('configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', 'coco/bbox_mAP'),
+    ('configs/seg/demo/upernet_dat-mini_tiny-ade.py', 'mIoU')], ids=['detector', 'segmentor'])
+def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, tmp_path):
+    config = ROOT / config
+    short = ['default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=100']
+    _tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=2',
+           *short], tiny_workspace)
+    assert (tmp_path / 'iter_2.pth').exists()
+    first = torch.load(tmp_path / 'iter_2.pth')
+    assert first['meta']['iter'] == 2
+
+    out = _tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--resume', '--cfg-options',
+                 'train_cfg.max_iters=4', *short], tiny_workspace)
+    assert re.search(r'resumed epoch: \d+, iter: 2', out)
+    resumed = torch.load(tmp_path / 'iter_4.pth')
+    assert resumed['meta']['iter'] == 4
+    # The optimizer went on from its saved state: Adam's step counter continued from 2.
+    steps = {int(s['step']) for s in resumed['optimizer']['state'].values()}
+    assert steps == {4}
+
+    out = _tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test'],
+                tiny_workspace)
+    scores = json.loads(out.strip().splitlines()[-1].replace("'", '"'))
+    assert math.isfinite(scores[metric]) and scores[metric] >= 0
+
+
+def test_train_refuses_a_missing_resume_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, ROOT / 'tools/train.py', ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py',
+                           '--resume', tmp_path / 'nope.pth'], capture_output=True, text=True)
+    assert proc.returncode != 0 and 'checkpoint not found' in proc.stderr
+
+
+def _authors_checkpoints(tmp_path):
+    bundle = load_bundle('v1')
+    sd = bundle['state_dict']
+    imagenet = tmp_path / 'imagenet.pth'
+    torch.save({'model': sd, 'epoch': 300}, imagenet)
+    detector = tmp_path / 'detector.pth'
+    torch.save({'state_dict': {**{f'backbone.{k}': v for k, v in sd.items()},
+                               'neck.fpn_convs.0.conv.weight': torch.ones(2, 2)},
+                'meta': {'mmcv_version': '1.7.0', 'CLASSES': ('a', 'b'), 'epoch': 12}}, detector)
+    return bundle, imagenet, detector
+
+
+def test_converter_round_trips_to_identical_backbone_outputs(tmp_path):
+    from convert_checkpoint import convert
+    bundle, imagenet, detector = _authors_checkpoints(tmp_path)
+    arch = arch_from_authors_kwargs(json.loads(bundle['kwargs']))
+    x = bundle['cases']['224x224_b2']['input'].float()
+
+    reference = DAT(arch=arch).eval()
+    reference.load_state_dict({k: v for k, v in bundle['state_dict'].items()
+                               if not k.startswith('cls_') and k.rsplit('.', 1)[-1] not in
+                               ('relative_position_index', 'attn_mask')}, strict=False)
+    with torch.no_grad():
+        expected = stage_outputs(reference, x)
+
+    convert(str(imagenet), str(tmp_path / 'backbone.pth'), arch)
+    from_imagenet = DAT(arch=arch, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'backbone.pth')))
+    from_imagenet.init_weights()
+
+    weights = convert(str(detector), str(tmp_path / 'model.pth'), arch)
+    assert 'neck.fpn_convs.0.conv.weight' in weights and not any(k.startswith('cls_') for k in weights)
+    saved = torch.load(tmp_path / 'model.pth')   # weights_only loading, as load_from does
+    from_detector = DAT(arch=arch).eval()
+    from_detector.load_state_dict({k[9:]: v for k, v in saved['state_dict'].items() if k.startswith('backbone.')},
+                                  strict=False)
+    for model in (from_imagenet.eval(), from_detector):
+        with torch.no_grad():
+            outs = stage_outputs(model, x)
+        assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+
+
+def test_converter_refuses_unknown_keys(tmp_path):
+    bundle = load_bundle('v1')
+    bad = tmp_path / 'bad.pth'
+    torch.save({'model': {**bundle['state_dict'], 'stages.0.attns.0.mystery': torch.zeros(3)}}, bad)
+    proc = subprocess.run([sys.executable, ROOT / 'tools/convert_checkpoint.py', bad, tmp_path / 'out.pth',
+                           '--arch', json.dumps(arch_from_authors_kwargs(json.loads(bundle['kwargs'])))],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and 'stages.0.attns.0.mystery' in proc.stderr
+    assert not (tmp_path / 'out.pth').exists()
+
+
+def test_converter_refuses_pickled_objects(tmp_path):
+    from convert_checkpoint import read_checkpoint
+    path = tmp_path / 'objects.pth'
+    torch.save({'model': {}, 'args': argparse_namespace()}, path)
+    with pytest.raises(SystemExit, match='refusing to unpickle'):
+        read_checkpoint(str(path))
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(lr=0.1)
+
+
+def test_points_map_to_the_pixels_the_features_cover():
+    from dat_mm.visualization import points_to_pixels
+    # A 4-pixel-wide feature map at stride 8 over 32 image pixels: -1 and 1 are the centres of its first and
+    # last pixels, i.e. image x = 3.5 and 27.5.
+    pts = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(points_to_pixels(pts, (4, 4), (32, 32)),
+                          torch.tensor([[3.5, 3.5], [27.5, 27.5], [15.5, 15.5]]))
+
+
+def test_visualiser_draws_the_points_the_model_returns(tmp_path):
+    from dat_mm.visualization import block_pixels
+    from visualize_sampling import visualize
+    torch.manual_seed(0)
+    arch = arch_from_authors_kwargs(json.loads(load_bundle('pp')['kwargs']))
+    model = DAT(arch=arch)
+    model.init_weights()
+    model.eval()
+    image = np.zeros((96, 128, 3), np.uint8)
+    paths = visualize(model, image, [(2, 1)], tmp_path, radius=0)
+    drawn = cv2.imread(str(paths[0]))
+    assert paths[0].stat().st_size > 0 and drawn.shape == image.shape
+
+    x = torch.zeros(1, 3, 96, 128)
+    x[:] = torch.tensor([-123.675 / 58.395, -116.28 / 57.12, -103.53 / 57.375])[:, None, None]
+    shapes = []
+    hooks = [s.register_forward_hook(lambda m, i, o: shapes.append(tuple(o[0].shape[2:]))) for s in model.stages]
+    with torch.no_grad():
+        _, points = model(x, return_points=True)
+    for h in hooks:
+        h.remove()
+    pixels = block_pixels(points, shapes, (96, 128), 2, 1)
+    expected = set()
+    for pts in pixels:
+        for px, py in np.round(pts).astype(int):
+            if 0 <= px < 128 and 0 <= py < 96:
+                expected.add((py, px))
+                assert drawn[py, px].any(), (py, px)
+    lit = set(zip(*np.nonzero(drawn.any(axis=2))))
+    assert lit == expected
+
+
+@pytest.mark.parametrize('script,args', [('dist_train.sh', ['CFG.py', '8', '--amp']),
+                                         ('dist_test.sh', ['CFG.py', 'CKPT.pth', '8', '--tta'])])
+def test_dist_scripts_hand_torchrun_the_node_layout(script, args, tmp_path):
+    """MMEngine's pytorch launcher needs GPUs, so here a stand-in python records what torchrun was given."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), NNODES='2', NODE_RANK='1', MASTER_ADDR='10.1.2.3', PORT='29601')
+    out = subprocess.run(['bash', ROOT / 'tools' / script, *args], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    tool = 'train.py' if script == 'dist_train.sh' else 'test.py'
+    assert out[:7] == ['-m', 'torch.distributed.run', '--nnodes=2', '--node_rank=1', '--master_addr=10.1.2.3',
+                       '--master_port=29601', '--nproc_per_node=8']
+    assert out[7] == str(ROOT / 'tools' / tool)
+    rest = [a for a in args if a != '8']
+    assert out[8:] == rest + ['--launcher', 'pytorch']

@@ -1,0 +1,47 @@
+"""Trains an mmdet or mmseg config with a DAT backbone (single process, or one rank under torchrun).
+
+    python tools/train.py configs/det/mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py \
+        --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/dat_pp_tiny_in1k_224.pth
+    python tools/train.py CONFIG --resume            # continue from work_dir's last checkpoint
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dat_mm.runner import add_common_args, build_runner, last_checkpoint, load_config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+                        help="resume (weights, optimizer, scheduler, iteration) from CHECKPOINT, or with no "
+                             "value from the work dir's last checkpoint")
+    parser.add_argument('--amp', action='store_true', help='mixed precision (AmpOptimWrapper)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help="scale the LR by (GPUs x images per GPU) / the config's auto_scale_lr.base_batch_size")
+    args = parser.parse_args()
+    cfg = load_config(args)
+
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        if last_checkpoint(cfg.work_dir) is None:
+            print(f'--resume: no checkpoint in {cfg.work_dir} yet, starting from scratch', flush=True)
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume:
+        if not Path(args.resume).is_file():
+            raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
+        cfg.resume, cfg.load_from = True, args.resume
+
+    build_runner(cfg).train()
+
+
+if __name__ == '__main__':
+    main()
