@@ -190,3 +190,21 @@ def test_dist_scripts_hand_torchrun_the_node_layout(script, args, tmp_path):
     assert out[7] == str(ROOT / 'tools' / tool)
     rest = [a for a in args if a != '8']
     assert out[8:] == rest + ['--launcher', 'pytorch']
+
+
+def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
+    """A user's first run: a COCO config from the zoo, pointed at their own COCO-format folder."""
+    data = tiny_workspace / 'data' / 'tiny' / 'coco'
+    folders = []
+    for split, loader in (('train', 'train_dataloader'), ('val', 'val_dataloader')):
+        ds = f'{loader}.dataset.'
+        folders += [f'{ds}data_root={data}/', f'{ds}ann_file={split}.json', f'{ds}data_prefix.img={split}/',
+                    f'{ds}metainfo.classes=[square,circle,triangle]']
+    _tool([ROOT / 'tools/train.py', ROOT / 'configs/det/retinanet_dat-t++_fpn_ms-crop-1x_coco.py',
+           '--work-dir', tmp_path, '--cfg-options', *folders, f'val_evaluator.ann_file={data}/val.json',
+           'model.backbone.init_cfg=None', 'optim_wrapper.type=OptimWrapper',   # no ImageNet weights; no AMP on CPU
+           'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+           'train_cfg.max_epochs=1', 'train_cfg.val_interval=10'], tiny_workspace)
+    checkpoint = torch.load(tmp_path / 'epoch_1.pth')
+    assert checkpoint['meta']['epoch'] == 1 and checkpoint['meta']['iter'] == 3   # 6 images, 2 per batch
+    assert any(k.startswith('backbone.stages.0.attns.1.rpe_table') for k in checkpoint['state_dict'])

@@ -42,7 +42,8 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     else:
         from dat_mm import DAT
         model = DAT(**MODELS[name])
-    model = model.to(device).train(backward)
+    model.to(device)
+    model.train(backward)   # mmdet's Swin returns None from train(): no chaining
     x = torch.randn(1, 3, height, width, device=device)
     cuda = device.startswith('cuda')
 
@@ -75,7 +76,9 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
 
 def run_child(name: str, size: tuple, backward: bool, reps: int, device: str) -> dict:
     cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device])]
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    # A fixed mmap threshold makes glibc return every large block on free; with its default dynamic one,
+    # blocks freed in the warm-up stay resident and later passes would seem to need less memory.
+    env = dict(os.environ, PYTHONWARNINGS='ignore', MALLOC_MMAP_THRESHOLD_='131072')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:80])
