@@ -1,4 +1,5 @@
 """The command-line tools: train / resume / test, checkpoint conversion, sampling-point visualisation."""
+import argparse
 import json
 import math
 import os
@@ -123,14 +124,9 @@ def test_converter_refuses_unknown_keys(tmp_path):
 def test_converter_refuses_pickled_objects(tmp_path):
     from convert_checkpoint import read_checkpoint
     path = tmp_path / 'objects.pth'
-    torch.save({'model': {}, 'args': argparse_namespace()}, path)
+    torch.save({'model': {}, 'args': argparse.Namespace(lr=0.1)}, path)   # as some training scripts save
     with pytest.raises(SystemExit, match='refusing to unpickle'):
         read_checkpoint(str(path))
-
-
-def argparse_namespace():
-    import argparse
-    return argparse.Namespace(lr=0.1)
 
 
 def test_points_map_to_the_pixels_the_features_cover():

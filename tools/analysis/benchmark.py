@@ -1,8 +1,8 @@
 """Speed and peak memory of the DAT backbones: fast vs reference attention, next to mmdet's Swin-T.
 
-Each measurement runs in its own process (batch 1): one warm-up pass, then --reps timed passes, median
-reported. Peak memory is what the pass adds on top of the model and input: on CUDA torch's peak allocation,
-on CPU the peak resident set size (reset after set-up through /proc/self/clear_refs).
+Each measurement runs in its own process (batch 1). Peak memory is what the first pass adds on top of the
+model and input (on CUDA torch's peak allocation; on CPU the peak resident set size, reset through
+/proc/self/clear_refs); the time is the median of --reps further passes.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
     python tools/analysis/benchmark.py --sizes 1344x800 --reps 3 --device cuda
@@ -57,7 +57,8 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
         if cuda:
             torch.cuda.synchronize()
 
-    step()   # warm-up: allocator pools, lazy initialisation
+    # Memory is read on the first pass: the allocator keeps memory freed by a pass resident (glibc), so
+    # later passes would only show what the first one did not leave behind. Times come from later passes.
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -65,20 +66,19 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')   # resets the peak RSS to the current RSS
         base = _rss_mb('VmRSS')
+    step()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else _rss_mb('VmHWM') - base
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else _rss_mb('VmHWM') - base
     return dict(seconds=statistics.median(times), peak_mb=peak)
 
 
 def run_child(name: str, size: tuple, backward: bool, reps: int, device: str) -> dict:
     cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device])]
-    # A fixed mmap threshold makes glibc return every large block on free; with its default dynamic one,
-    # blocks freed in the warm-up stay resident and later passes would seem to need less memory.
-    env = dict(os.environ, PYTHONWARNINGS='ignore', MALLOC_MMAP_THRESHOLD_='131072')
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:80])

@@ -83,6 +83,8 @@ def analyse(module: nn.Module, inputs: torch.Tensor, mask_roi_fraction: float = 
 def config_row(path: Path) -> tuple:
     cfg = Config.fromfile(str(path))
     cfg.model.backbone.init_cfg = None
+    # Same arithmetic as the fast path, in one traced einsum per product, which the second column needs.
+    cfg.model.backbone.reference_attention = True
     scope = 'mmdet' if path.parent.name == 'det' else 'mmseg'
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     with DefaultScope.overwrite_default_scope(scope):
@@ -105,7 +107,7 @@ def config_row(path: Path) -> tuple:
 
 def imagenet_row(arch: str) -> tuple:
     from dat_mm import DAT
-    model = DAT(arch=arch).eval()
+    model = DAT(arch=arch, reference_attention=True).eval()
     classifier = model.arch['dims'][-1] * 1001   # the authors' models add a 1000-way linear head
     params = (sum(p.numel() for n, p in model.named_parameters() if not n.startswith('norm')) + classifier) / 1e6
     with torch.no_grad():

@@ -1,5 +1,6 @@
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from torch import nn
 
 
@@ -62,7 +63,13 @@ class NeighborhoodAttention(nn.Module):
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, key, value = qkv[0] * self.scale, qkv[1], qkv[2]   # (B, heads, Hp, Wp, d)
-        out = self._attend(q, key, value) if self.reference else self._attend_tiled(q, key, value)
+        if self.reference:
+            out = self._attend(q, key, value)
+        elif torch.is_grad_enabled() and qkv.requires_grad:
+            # The tiles' gathered regions, bias and attention are recomputed in backward, not stored.
+            out = cp.checkpoint(self._attend_tiled, q, key, value, use_reentrant=False)
+        else:
+            out = self._attend_tiled(q, key, value)
         out = self.proj(out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels))
         return out[:, :height, :width].permute(0, 3, 1, 2)
 
