@@ -5,7 +5,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 set +e
-"$ROOT/.venv/bin/python" -m pytest tests -p no:cacheprovider "$@"
+# No path given: pytest.ini's testpaths (tests/); a path or -k in the arguments narrows it.
+"$ROOT/.venv/bin/python" -m pytest -p no:cacheprovider "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collects nothing, e.g. a -k filter that matches no test: not a failure.
