@@ -33,6 +33,19 @@ def draw_sampling_points(image: np.ndarray, pixels: Sequence[np.ndarray], radius
     return canvas
 
 
+def forward_with_points(model, x: torch.Tensor) -> Tuple[List[Tuple[int, int]], list]:
+    """Runs a DAT backbone; returns each stage's feature size (H, W) and its sampling points."""
+    shapes = []
+    hooks = [s.register_forward_hook(lambda m, i, o: shapes.append(tuple(o[0].shape[2:]))) for s in model.stages]
+    try:
+        with torch.no_grad():
+            _, points = model(x, return_points=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes, points
+
+
 def block_pixels(points: Sequence[Sequence], feature_shapes: Sequence[Tuple[int, int]], image_hw: Tuple[int, int],
                  stage: int, block: int) -> List[np.ndarray]:
     """Per group, the (Hk*Wk, 2) image-pixel sampling points of one deformable block of image 0."""

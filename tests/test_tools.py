@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dat_mm import DAT
-from golden import arch_from_authors_kwargs, load_bundle, stage_outputs
+from golden import arch_from_authors_kwargs, golden_model, load_bundle, stage_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
@@ -87,10 +87,7 @@ def test_converter_round_trips_to_identical_backbone_outputs(tmp_path):
     arch = arch_from_authors_kwargs(json.loads(bundle['kwargs']))
     x = bundle['cases']['224x224_b2']['input'].float()
 
-    reference = DAT(arch=arch).eval()
-    reference.load_state_dict({k: v for k, v in bundle['state_dict'].items()
-                               if not k.startswith('cls_') and k.rsplit('.', 1)[-1] not in
-                               ('relative_position_index', 'attn_mask')}, strict=False)
+    reference, _ = golden_model('v1', torch.float32)
     with torch.no_grad():
         expected = stage_outputs(reference, x)
 
@@ -139,7 +136,7 @@ def test_points_map_to_the_pixels_the_features_cover():
 
 
 def test_visualiser_draws_the_points_the_model_returns(tmp_path):
-    from dat_mm.visualization import block_pixels
+    from dat_mm.visualization import block_pixels, forward_with_points
     from visualize_sampling import visualize
     torch.manual_seed(0)
     arch = arch_from_authors_kwargs(json.loads(load_bundle('pp')['kwargs']))
@@ -153,12 +150,7 @@ def test_visualiser_draws_the_points_the_model_returns(tmp_path):
 
     x = torch.zeros(1, 3, 96, 128)
     x[:] = torch.tensor([-123.675 / 58.395, -116.28 / 57.12, -103.53 / 57.375])[:, None, None]
-    shapes = []
-    hooks = [s.register_forward_hook(lambda m, i, o: shapes.append(tuple(o[0].shape[2:]))) for s in model.stages]
-    with torch.no_grad():
-        _, points = model(x, return_points=True)
-    for h in hooks:
-        h.remove()
+    shapes, points = forward_with_points(model, x)
     pixels = block_pixels(points, shapes, (96, 128), 2, 1)
     expected = set()
     for pts in pixels:

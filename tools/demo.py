@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dat_mm.runner import last_checkpoint  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 
 JOBS = [
     ('detector', 'configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', ('coco/bbox_mAP', 'coco/segm_mAP')),
@@ -84,7 +85,6 @@ def main() -> None:
 
     results, curves = {}, {}
     for name, config, metrics in JOBS:
-        from mmengine.config import Config
         max_iters = Config.fromfile(str(ROOT / config)).train_cfg.max_iters
         half = max_iters // 2
         wd = work_root / name

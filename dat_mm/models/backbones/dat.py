@@ -12,6 +12,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import nn
 
+from ...checkpoint import load_backbone_checkpoint
 from ...registry import MODELS
 from ..layers import (ConvFFN, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
@@ -219,7 +220,6 @@ class DAT(BaseModule):
 
     def init_weights(self) -> None:
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from ...checkpoint import load_backbone_checkpoint
             load_backbone_checkpoint(self, self.init_cfg['checkpoint'],
                                      prefix=self.init_cfg.get('prefix'))
             self._is_init = True
