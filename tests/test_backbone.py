@@ -75,7 +75,8 @@ def test_v1_input_smaller_than_32_is_rejected():
 @pytest.mark.parametrize('kwargs,error', [
     (dict(arch='huge'), KeyError), (dict(arch=dict(version=3)), KeyError),
     (dict(arch={**mini_arch('pp'), 'blocks': ['NL'] * 4}), ValueError),
-    (dict(arch='tiny', frozen_stages=5), ValueError), (dict(arch='tiny', out_indices=(0, 0)), ValueError)])
+    (dict(arch='tiny', frozen_stages=5), ValueError), (dict(arch='tiny', out_indices=(0, 0)), ValueError),
+    (dict(arch='tiny', deform_strides=(1, 1, 2)), ValueError), (dict(arch='tiny', deform_strides=(1, 1, 0, 1)), ValueError)])
 def test_bad_configs_are_rejected(kwargs, error):
     with pytest.raises(error):
         DAT(**kwargs)

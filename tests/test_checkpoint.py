@@ -34,6 +34,24 @@ def test_authors_checkpoints_load_as_they_are(wrap, tmp_path):
     assert max(rel_err(o, r) for o, r in zip(outs, case['stage_outputs'])) < 1e-5
 
 
+def test_imagenet_weights_load_under_the_dense_prediction_strides(tmp_path):
+    # The v1 detection/segmentation configs sample stage-3 keys on a stride-2 grid; no weight depends on it.
+    bundle = load_bundle('v1')
+    model = _pretrained('v1', {'model': bundle['state_dict']}, tmp_path, deform_strides=(1, 1, 2, 1))
+    for name, p in model.named_parameters():
+        if not name.startswith('norm'):
+            assert torch.equal(p, bundle['state_dict'][name]), name
+    x = bundle['cases']['224x224_b2']['input'].float()
+    with torch.no_grad():
+        outs, points = stage_outputs(model, x, return_points=True)
+    reference = bundle['cases']['224x224_b2']['stage_outputs']
+    assert rel_err(outs[1], reference[1]) < 1e-5      # stages 1-2 hold no deformable block
+    assert rel_err(outs[2], reference[2]) > 1e-3      # stage 3 attends to a quarter of the keys
+    (b, c, h3, w3), (_, _, h4, w4) = outs[2].shape, outs[3].shape
+    positions3, positions4 = points[2][1][0], points[3][1][0]
+    assert positions3.shape[2:4] == (-(-h3 // 2), -(-w3 // 2)) and positions4.shape[2:4] == (h4, w4)
+
+
 def test_checkpoint_of_another_arch_is_refused_with_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r'missing: .*unexpected: .*another shape'):
         _pretrained('pp', {'model': load_bundle('v1')['state_dict']}, tmp_path)

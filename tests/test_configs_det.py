@@ -27,6 +27,8 @@ def test_config_builds_with_its_recipe(name):
     assert cfg.train_cfg.max_epochs == (36 if '3x' in name else 12)
     assert cfg.param_scheduler[1].milestones == ([27, 33] if '3x' in name else [8, 11])
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys['rpe_table'].decay_mult == 0
+    # DAT v1 samples stage-3 keys at stride 2 in dense prediction (README); DAT++ keeps its 8/4/2/1.
+    assert model.backbone.arch['strides'] == ((8, 4, 2, 1) if '++' in name else (1, 1, 2, 1))
     if '++' in name:   # the DAT++ authors' recipe
         assert cfg.auto_scale_lr.base_batch_size == 64
         assert cfg.param_scheduler[0].end == 500

@@ -22,6 +22,8 @@ def test_config_builds_with_its_recipe(name):
     dims = list(model.backbone.arch['dims'])
     optim = cfg.optim_wrapper
     assert optim.paramwise_cfg.custom_keys['rpe_table'].decay_mult == 0
+    # DAT v1 samples stage-3 keys at stride 2 in dense prediction (README); DAT++ keeps its 8/4/2/1.
+    assert model.backbone.arch['strides'] == ((8, 4, 2, 1) if '++' in name else (1, 1, 2, 1))
     if name.startswith('upernet'):
         assert model.decode_head.in_channels == dims and model.auxiliary_head.in_channels == dims[2]
         assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2

@@ -196,3 +196,22 @@ def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
     checkpoint = torch.load(tmp_path / 'epoch_1.pth')
     assert checkpoint['meta']['epoch'] == 1 and checkpoint['meta']['iter'] == 3   # 6 images, 2 per batch
     assert any(k.startswith('backbone.stages.0.attns.1.rpe_table') for k in checkpoint['state_dict'])
+
+
+def test_flops_tool_prints_the_issue_checks_for_mask_rcnn_dat_t():
+    out = _tool([ROOT / 'tools/analysis/get_flops.py', ROOT / 'configs/det/mask-rcnn_dat-t_fpn_1x_coco.py'], ROOT)
+    row = next(line for line in out.splitlines() if line.startswith('mask-rcnn_dat-t_fpn_1x_coco.py'))
+    param_diff, flops_diff = (float(d) for d in re.findall(r'PASS ([+-][\d.]+)%', row))
+    assert abs(param_diff) <= 2 and abs(flops_diff) <= 5     # 48M and 272G, attention products counted
+    assert '0 check(s) outside tolerance' in out
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'tiny++'])
+def test_flops_count_attention_products_as_the_papers_do(arch):
+    # Without the attention products DAT-T/S would come out 2-3 % low (4.50G, 8.74G).
+    sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
+    from get_flops import IMAGENET, imagenet_row
+    params, flops, _ = imagenet_row(arch)
+    paper_params, paper_flops = IMAGENET[arch]
+    assert abs(params - paper_params) / paper_params < 0.005
+    assert abs(flops - paper_flops) / paper_flops < 0.01

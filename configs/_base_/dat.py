@@ -7,3 +7,8 @@ dat_paramwise_cfg = dict(custom_keys={
     'rpe_table': dict(decay_mult=0.),
     'relative_position_bias_table': dict(decay_mult=0.),
     'absolute_pos_embed': dict(decay_mult=0.)})
+
+# DAT v1 in detectors and segmentors: the stage-3 deformable blocks sample keys on a stride-2 grid, where the
+# ImageNet models use stride 1. Only this reproduces the paper's dense-prediction FLOPs with attention products
+# counted, the convention its ImageNet FLOPs follow; see "DAT v1 sampling stride" in the README.
+dat_v1_deform_strides = (1, 1, 2, 1)

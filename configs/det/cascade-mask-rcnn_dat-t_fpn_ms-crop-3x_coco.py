@@ -3,7 +3,8 @@ _base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py', 'mmdet::_base_/da
           './_base_/dat_coco.py']
 
 model = dict(
-    backbone=dict(_delete_=True, type='dat_mm.DAT', arch='tiny', drop_path_rate=0.2, with_cp=True,
+    backbone=dict(_delete_=True, type='dat_mm.DAT', arch='tiny', deform_strides=_base_.dat_v1_deform_strides,
+                  drop_path_rate=0.2, with_cp=True,
                   init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_tiny_in1k_224.pth')),
     neck=dict(in_channels=[96, 192, 384, 768]),
     roi_head=dict(bbox_head=_base_.cascade_bbox_heads))

@@ -3,6 +3,7 @@ _base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py', 'mmdet::_base_/datasets/c
           './_base_/dat_coco.py']
 
 model = dict(
-    backbone=dict(_delete_=True, type='dat_mm.DAT', arch='tiny', out_indices=(1, 2, 3), drop_path_rate=0.2,
+    backbone=dict(_delete_=True, type='dat_mm.DAT', arch='tiny', deform_strides=_base_.dat_v1_deform_strides,
+                  out_indices=(1, 2, 3), drop_path_rate=0.2,
                   with_cp=True, init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_tiny_in1k_224.pth')),
     neck=dict(in_channels=[192, 384, 768], start_level=0, add_extra_convs='on_input', num_outs=5))

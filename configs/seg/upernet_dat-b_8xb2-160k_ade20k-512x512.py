@@ -1,4 +1,4 @@
-_base_ = './upernet_dat-t++_8xb2-160k_ade20k-512x512.py'
+_base_ = './upernet_dat-t_8xb2-160k_ade20k-512x512.py'
 
 model = dict(
     backbone=dict(arch='base', drop_path_rate=0.3,

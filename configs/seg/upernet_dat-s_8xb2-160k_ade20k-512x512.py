@@ -1,7 +1,4 @@
-_base_ = './upernet_dat-t++_8xb2-160k_ade20k-512x512.py'
+_base_ = './upernet_dat-t_8xb2-160k_ade20k-512x512.py'
 
 model = dict(
-    backbone=dict(arch='small', drop_path_rate=0.3,
-                  init_cfg=dict(checkpoint='checkpoints/dat_small_in1k_224.pth')),
-    decode_head=dict(in_channels=[96, 192, 384, 768]),
-    auxiliary_head=dict(in_channels=384))
+    backbone=dict(arch='small', init_cfg=dict(checkpoint='checkpoints/dat_small_in1k_224.pth')))

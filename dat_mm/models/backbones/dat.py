@@ -140,6 +140,9 @@ class DAT(BaseModule):
         frozen_stages: freeze the stem and stages ``0 .. frozen_stages - 1`` (-1: nothing frozen).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         with_cp: activation checkpointing (non-reentrant) of every block while training.
+        deform_strides: per stage, the stride of the grid the deformable blocks sample keys on, in place of
+            the arch's (DAT: 1, 1, 1, 1; DAT++: 8, 4, 2, 1). No parameter depends on it, so ImageNet weights
+            load under any strides. The DAT v1 dense-prediction configs use (1, 1, 2, 1); see the README.
         reference_attention: run the plain deformable and neighborhood attention, which hold every
             (query, key) tensor of a block at once; same numbers, slower, much more memory. For checks.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint='dat_pp_tiny_in1k_224.pth')``; the authors'
@@ -154,10 +157,16 @@ class DAT(BaseModule):
                  frozen_stages: int = -1,
                  drop_path_rate: float = 0.0,
                  with_cp: bool = False,
+                 deform_strides: Optional[Sequence[int]] = None,
                  reference_attention: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch)
+        if deform_strides is not None:
+            deform_strides = tuple(deform_strides)
+            if len(deform_strides) != 4 or not all(isinstance(s, int) and s >= 1 for s in deform_strides):
+                raise ValueError(f'deform_strides needs one integer >= 1 per stage (4), got {deform_strides}')
+            self.arch['strides'] = deform_strides
         self.version = self.arch['version']
         dims = self.arch['dims']
         self.in_channels = in_channels
