@@ -26,6 +26,12 @@ def build_model(cfg: Config, scope: str):
     return revert_sync_batchnorm(model)   # SyncBN needs a process group; plain BN computes the same here
 
 
+def assert_dat_backbone(model, name: str) -> None:
+    assert type(model.backbone).__name__ == 'DAT'
+    # DAT v1 samples stage-3 keys at stride 2 in dense prediction (README); DAT++ keeps its 8/4/2/1.
+    assert model.backbone.arch['strides'] == ((8, 4, 2, 1) if '++' in name else (1, 1, 2, 1))
+
+
 def count_params(model) -> float:
     """Millions of parameters."""
     return sum(p.numel() for p in model.parameters()) / 1e6

@@ -18,6 +18,7 @@ from golden import arch_from_authors_kwargs, golden_model, load_bundle, stage_ou
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
+sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
 
 
 def _tool(args, cwd) -> str:
@@ -209,7 +210,6 @@ def test_flops_tool_prints_the_issue_checks_for_mask_rcnn_dat_t():
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'tiny++'])
 def test_flops_count_attention_products_as_the_papers_do(arch):
     # Without the attention products DAT-T/S would come out 2-3 % low (4.50G, 8.74G).
-    sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
     from get_flops import IMAGENET, imagenet_row
     params, flops, _ = imagenet_row(arch)
     paper_params, paper_flops = IMAGENET[arch]

@@ -43,8 +43,9 @@ FAMILY_DEFAULTS = {
 ARCH_KEYS = {'version', 'dims', 'depths', 'heads', 'groups', 'blocks'}
 
 
-def resolve_arch(arch: Union[str, dict]) -> dict:
-    """A full arch dict from a preset name or a custom dict (which may override the family defaults)."""
+def resolve_arch(arch: Union[str, dict], deform_strides: Optional[Sequence[int]] = None) -> dict:
+    """A full arch dict from a preset name or a custom dict (which may override the family defaults);
+    ``deform_strides`` replaces its ``strides``."""
     if isinstance(arch, str):
         if arch not in ARCH_SETTINGS:
             raise KeyError(f'Unknown DAT arch {arch!r}; choose one of {sorted(ARCH_SETTINGS)} or pass a dict')
@@ -55,12 +56,16 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
     if arch['version'] not in FAMILY_DEFAULTS:
         raise ValueError(f"arch version must be 1 (DAT) or 2 (DAT++), got {arch['version']}")
     full = {**FAMILY_DEFAULTS[arch['version']], **copy.deepcopy(dict(arch))}
+    if deform_strides is not None:
+        full['strides'] = tuple(deform_strides)
     unknown = set(full) - ARCH_KEYS - set(FAMILY_DEFAULTS[1])
     if unknown:
         raise KeyError(f'Unknown DAT arch keys {sorted(unknown)}')
     for key in ('dims', 'depths', 'heads', 'groups', 'blocks', 'strides', 'offset_kernels'):
         if len(full[key]) != 4:
             raise ValueError(f'arch {key!r} needs one entry per stage (4), got {full[key]}')
+    if not all(isinstance(s, int) and s >= 1 for s in full['strides']):
+        raise ValueError(f"deformable strides must be integers >= 1, got {full['strides']}")
     allowed = set('LSD') if full['version'] == 1 else set('ND')
     for pattern in full['blocks']:
         if not pattern or set(pattern) - allowed:
@@ -161,12 +166,7 @@ class DAT(BaseModule):
                  reference_attention: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        self.arch = resolve_arch(arch)
-        if deform_strides is not None:
-            deform_strides = tuple(deform_strides)
-            if len(deform_strides) != 4 or not all(isinstance(s, int) and s >= 1 for s in deform_strides):
-                raise ValueError(f'deform_strides needs one integer >= 1 per stage (4), got {deform_strides}')
-            self.arch['strides'] = deform_strides
+        self.arch = resolve_arch(arch, deform_strides)
         self.version = self.arch['version']
         dims = self.arch['dims']
         self.in_channels = in_channels
