@@ -94,3 +94,36 @@ def test_safe_globals_do_not_admit_arbitrary_objects(tmp_path):
     torch.save({'obj': _Toy()}, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path)
+
+
+def _setup_dry_run(**env):
+    import os
+    import subprocess
+    from commands import ROOT
+    env = dict({k: v for k, v in os.environ.items() if k != 'TORCH_CUDA_ARCH_LIST'}, DAT_MM_SETUP_DRY_RUN='1', DAT_MM_ASSUME_CUDA='13.0', DAT_MM_VENV=str(ROOT / '.venv'),
+               DAT_MM_WHEEL_CACHE='/wheels', **env)
+    return subprocess.run(['bash', str(ROOT / 'tools/setup_env.sh')], env=env, capture_output=True, text=True)
+
+
+def test_setup_builds_mmcv_cuda_ops_with_a_cuda_torch(tmp_path):
+    """The set-up's CUDA branch, on a CPU machine: a CUDA torch is assumed and nvcc is a stand-in."""
+    nvcc = tmp_path / 'cuda' / 'bin' / 'nvcc'
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text('#!/bin/sh\nexit 0\n')
+    nvcc.chmod(0o755)
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'))
+    assert proc.returncode == 0, proc.stderr
+    build = next(line for line in proc.stdout.splitlines() if 'pip wheel' in line)
+    for part in ('FORCE_CUDA=1', 'MMCV_WITH_OPS=1', f'CUDA_HOME={tmp_path / "cuda"}', '--no-build-isolation',
+                 'TORCH_CUDA_ARCH_LIST=7.0;7.5;8.0;8.6;8.9;9.0', 'mmcv==2.1.0'):
+        assert part in build
+    # The CUDA version and the architectures are part of the wheel cache's key.
+    assert '-cuda13.0-sm7_0_7_5_8_0_8_6_8_9_9_0' in proc.stdout
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'), TORCH_CUDA_ARCH_LIST='9.0')
+    assert 'TORCH_CUDA_ARCH_LIST=9.0 ' in proc.stdout and '-cuda13.0-sm9_0' in proc.stdout
+
+
+def test_setup_stops_when_a_cuda_torch_has_no_nvcc(tmp_path):
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path))
+    assert proc.returncode == 1
+    assert 'nvcc was not found' in proc.stderr and 'CUDA 13.0' in proc.stderr and 'pip wheel' not in proc.stdout

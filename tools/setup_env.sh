@@ -2,18 +2,25 @@
 # Builds .venv with the pinned OpenMMLab stack (facts behind each pin: ../shared/spec/ENVIRONMENT.md).
 # Idempotent: a venv whose stamp matches this script and setup.py is left alone, and the compiled mmcv
 # wheel is kept in DAT_MM_WHEEL_CACHE so a new clone never compiles it again.
+#
+# With a CUDA build of torch, mmcv is compiled with its CUDA ops (FORCE_CUDA=1) for TORCH_CUDA_ARCH_LIST:
+# the visible GPU's compute capability, or DAT_MM_DEFAULT_CUDA_ARCHS (V100 to H100) when none is visible.
+# DAT_MM_SETUP_DRY_RUN=1 prints the mmcv build it would run and stops; DAT_MM_ASSUME_CUDA=<version>
+# pretends torch is a CUDA build of that version (both only for checking this script on a CPU machine).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${DAT_MM_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 WHEEL_CACHE=${DAT_MM_WHEEL_CACHE:-$HOME/.cache/dat_mm/wheels}
+DRY_RUN=${DAT_MM_SETUP_DRY_RUN:-0}
+DEFAULT_CUDA_ARCHS=${DAT_MM_DEFAULT_CUDA_ARCHS:-7.0;7.5;8.0;8.6;8.9;9.0}
 TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 
 stamp_of() { cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
-if [ -f "$VENV/.dat_mm_stamp" ] && [ "$(cat "$VENV/.dat_mm_stamp")" = "$STAMP" ] \
+if [ "$DRY_RUN" != 1 ] && [ -f "$VENV/.dat_mm_stamp" ] && [ "$(cat "$VENV/.dat_mm_stamp")" = "$STAMP" ] \
    && "$VENV/bin/python" -c "import dat_mm, mmcv.ops, mmdet, mmseg" 2>/dev/null; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -21,26 +28,71 @@ fi
 
 t0=$SECONDS
 log() { echo "[setup +$((SECONDS - t0))s] $*"; }
-
-[ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 
-# torch first: anything that depends on torch would otherwise pull the newest CUDA build.
-log "torch==$TORCH_VERSION"
-"${PIP[@]}" "torch==$TORCH_VERSION"
-# mmcv 2.1.0's setup.py imports pkg_resources, gone from setuptools >= 81.
-"${PIP[@]}" "setuptools>=77,<81" ninja wheel "mmengine==0.10.7"
+if [ "$DRY_RUN" != 1 ]; then
+  [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+  # torch first: anything that depends on torch would otherwise pull the newest CUDA build.
+  log "torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+  # mmcv 2.1.0's setup.py imports pkg_resources, gone from setuptools >= 81.
+  "${PIP[@]}" "setuptools>=77,<81" ninja wheel "mmengine==0.10.7"
+fi
 
-# The compiled ops depend on the exact torch build (CPU or CUDA), so the cache is keyed by it.
+# The compiled ops depend on the exact torch build and, for CUDA, on the toolkit and the GPU
+# architectures, so the cache key holds all three.
 TORCH_TAG=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")
+TORCH_CUDA=${DAT_MM_ASSUME_CUDA:-$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")}
+BUILD_ENV=(MMCV_WITH_OPS=1 "MAX_JOBS=${MAX_JOBS:-$(nproc)}")
 MMCV_DIR="$WHEEL_CACHE/mmcv-$MMCV_VERSION-torch$TORCH_TAG"
+if [ -n "$TORCH_CUDA" ]; then
+  # torch's own search order would take /usr/local for an nvcc wrapper script in /usr/local/bin.
+  CUDA_ROOT=${CUDA_HOME:-}
+  if [ -z "$CUDA_ROOT" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_ROOT=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then CUDA_ROOT=$(dirname "$(dirname "$(command -v nvcc)")"); fi
+  fi
+  if [ -z "$CUDA_ROOT" ] || [ ! -x "$CUDA_ROOT/bin/nvcc" ]; then
+    echo "[setup] torch is a CUDA $TORCH_CUDA build, but nvcc was not found (CUDA_HOME=${CUDA_HOME:-unset}," >&2
+    echo "[setup] /usr/local/cuda, PATH). mmcv's CUDA ops (RoIAlign, nms on GPU tensors) need it: install the" >&2
+    echo "[setup] CUDA $TORCH_CUDA toolkit (e.g. the cuda-nvcc-${TORCH_CUDA/./-} package), set CUDA_HOME, run this again." >&2
+    exit 1
+  fi
+  ARCHS=${TORCH_CUDA_ARCH_LIST:-$("$VENV/bin/python" -c "import torch
+if torch.cuda.is_available():
+    print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || true)}
+  ARCHS=${ARCHS:-$DEFAULT_CUDA_ARCHS}
+  BUILD_ENV+=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$ARCHS" "CUDA_HOME=$CUDA_ROOT")
+  MMCV_DIR="$MMCV_DIR-cuda$TORCH_CUDA-sm${ARCHS//[;. ]/_}"
+fi
+BUILD=(env "${BUILD_ENV[@]}" "$VENV/bin/python" -m pip wheel -v --no-deps --no-build-isolation
+       --no-binary mmcv -w "$MMCV_DIR.tmp" "mmcv==$MMCV_VERSION")
+if [ "$DRY_RUN" = 1 ]; then
+  echo "[setup] dry run: would build into $MMCV_DIR"
+  echo "[setup] dry run: ${BUILD[*]}"
+  exit 0
+fi
+
 if ! ls "$MMCV_DIR"/mmcv-$MMCV_VERSION-*.whl >/dev/null 2>&1; then
-  log "compiling mmcv $MMCV_VERSION with ops (about 9 minutes on 2 cores); cached in $MMCV_DIR"
-  mkdir -p "$MMCV_DIR.tmp"
+  log "compiling mmcv $MMCV_VERSION with ops (${BUILD_ENV[*]}; 10-30 min on 2 cores); cached in $MMCV_DIR"
+  rm -rf "$MMCV_DIR.tmp" && mkdir -p "$MMCV_DIR.tmp"
+  BUILD_LOG="$MMCV_DIR.tmp/build.log"
   # No build isolation: an isolated build env would fetch another torch and silently skip the ops.
-  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip wheel -q --no-deps \
-    --no-build-isolation --no-binary mmcv -w "$MMCV_DIR.tmp" "mmcv==$MMCV_VERSION"
-  rm -rf "$MMCV_DIR" && mv "$MMCV_DIR.tmp" "$MMCV_DIR"
+  "${BUILD[@]}" >"$BUILD_LOG" 2>&1 &
+  build_pid=$!
+  # ninja numbers each compile step [done/total]; report the latest every 30 s.
+  while kill -0 "$build_pid" 2>/dev/null; do
+    for _ in $(seq 30); do kill -0 "$build_pid" 2>/dev/null && sleep 1; done
+    kill -0 "$build_pid" 2>/dev/null || break
+    step=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$BUILD_LOG" | tail -n 1 | tr -d '[] ' || true)
+    log "compiling mmcv: ${step:-0/?} objects compiled"
+  done
+  if ! wait "$build_pid"; then
+    tail -n 40 "$BUILD_LOG" >&2
+    echo "[setup] mmcv build failed; full log: $BUILD_LOG" >&2
+    exit 1
+  fi
+  rm -f "$BUILD_LOG" && rm -rf "$MMCV_DIR" && mv "$MMCV_DIR.tmp" "$MMCV_DIR"
 fi
 log "mmcv from $MMCV_DIR"
 "${PIP[@]}" "$MMCV_DIR"/mmcv-$MMCV_VERSION-*.whl
