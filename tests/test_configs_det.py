@@ -23,18 +23,12 @@ def test_config_builds_with_its_recipe(name):
     assert cfg.custom_imports.imports == ['dat_mm']
     arch = model.backbone.arch
     assert model.neck.in_channels == [arch['dims'][i] for i in model.backbone.out_indices]
-    assert cfg.model.backbone.with_cp
-    assert cfg.train_cfg.max_epochs == (36 if '3x' in name else 12)
+    # Precision, checkpointing, drop path, lr, schedule length and warm-up: test_recipes.py.
     assert cfg.param_scheduler[1].milestones == ([27, 33] if '3x' in name else [8, 11])
-    assert cfg.optim_wrapper.paramwise_cfg.custom_keys['rpe_table'].decay_mult == 0
-    if '++' in name:   # the DAT++ authors' recipe
+    paramwise = cfg.optim_wrapper.paramwise_cfg
+    assert paramwise.custom_keys['rpe_table'].decay_mult == 0 and paramwise.norm_decay_mult == 0
+    if '++' in name:   # the DAT++ authors' total batch
         assert cfg.auto_scale_lr.base_batch_size == 64
-        assert cfg.param_scheduler[0].end == 500
-        assert cfg.optim_wrapper.optimizer.lr == (2e-4 if name.startswith('retinanet') else 4e-4)
-        fp32 = name.startswith(('cascade-mask-rcnn_dat-s++', 'cascade-mask-rcnn_dat-b++'))
-        assert cfg.optim_wrapper.type == ('OptimWrapper' if fp32 else 'AmpOptimWrapper')
-    else:              # the Swin recipe
-        assert cfg.optim_wrapper.optimizer.lr == 1e-4 and cfg.param_scheduler[0].end == 1000
     if 'ms-crop' in name:
         assert any(t.type == 'RandomChoice' for t in cfg.train_dataloader.dataset.pipeline)
 

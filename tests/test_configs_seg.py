@@ -20,19 +20,15 @@ def test_config_builds_with_its_recipe(name):
     model = build_model(cfg, 'mmseg')
     assert_dat_backbone(model, name)
     dims = list(model.backbone.arch['dims'])
-    optim = cfg.optim_wrapper
+    optim = cfg.optim_wrapper   # lr, decay, schedule length, precision: test_recipes.py
     assert optim.paramwise_cfg.custom_keys['rpe_table'].decay_mult == 0
     if name.startswith('upernet'):
         assert model.decode_head.in_channels == dims and model.auxiliary_head.in_channels == dims[2]
-        assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2
-        assert (optim.optimizer.lr, optim.optimizer.weight_decay) == (6e-5, 0.01)
         warmup, poly = cfg.param_scheduler
-        assert (warmup.end, warmup.start_factor, poly.power, poly.eta_min) == (1500, 1e-6, 1.0, 0.0)
+        assert (warmup.start_factor, poly.power, poly.eta_min) == (1e-6, 1.0, 0.0)
     else:
         assert model.neck.in_channels == dims
-        assert cfg.train_cfg.max_iters == 40000 and cfg.train_dataloader.batch_size == 4
-        assert optim.optimizer.type == 'AdamW' and optim.optimizer.weight_decay == 1e-4
-        assert optim.optimizer.lr == (2e-4 if '++' in name else 1e-4)
+        assert optim.optimizer.type == 'AdamW'
         assert len(cfg.param_scheduler) == 1 and cfg.param_scheduler[0].power == 0.9
     assert cfg.tta_pipeline is not None   # multi-scale + flip testing via tools/test.py --tta
 

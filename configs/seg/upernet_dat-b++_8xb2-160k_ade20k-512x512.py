@@ -5,3 +5,5 @@ model = dict(
                   init_cfg=dict(checkpoint='checkpoints/dat_pp_base_in1k_224.pth')),
     decode_head=dict(in_channels=[128, 256, 512, 1024]),
     auxiliary_head=dict(in_channels=512))
+# The authors trained B++ in fp32 (still with backbone checkpointing).
+optim_wrapper = dict(type='OptimWrapper')

@@ -5,7 +5,8 @@ _base_ = ['mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runti
 
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=_base_.dat_paramwise_cfg)
+    # Norm layers are also found by type (the Cascade heads' SyncBN is named 'bn'); biases keep their decay.
+    paramwise_cfg=dict(norm_decay_mult=0., custom_keys=_base_.dat_paramwise_cfg.custom_keys))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
     dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1)]
