@@ -1,9 +1,13 @@
-"""What tools/train.py and tools/test.py share: one config loader for mmdet and mmseg configs."""
+"""What tools/train.py and tools/test.py share: one config loader for mmdet and mmseg configs, and
+distributed runs on machines without CUDA."""
 import argparse
+import os
 import os.path as osp
 from typing import Optional
 
-from mmengine.config import Config, DictAction
+import torch
+import torch.distributed as dist
+from mmengine.config import Config, ConfigDict, DictAction
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +38,43 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _uses_sync_bn(node) -> bool:
+    if isinstance(node, dict):
+        return node.get('type') in ('SyncBN', 'MMSyncBN') or any(_uses_sync_bn(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_uses_sync_bn(v) for v in node)
+    return False
+
+
+def init_cpu_distributed(cfg: Config) -> None:
+    """Prepares a torchrun job on a machine without CUDA, where MMEngine's pytorch launcher cannot run
+    (it calls ``torch.cuda.set_device``).
+
+    Starts the gloo process group from torchrun's environment before the Runner exists, so the Runner
+    finds it initialised and skips its own launcher, and has MMEngine's DDP wrapper built without device
+    ids, as DDP requires for CPU modules. Nothing to do with CUDA or without a launcher.
+    """
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available():
+        return
+    if _uses_sync_bn(cfg.model) or cfg.get('sync_bn'):
+        raise SystemExit('This config uses SyncBN, which torch runs on GPUs only. Train it on GPUs, or on CPU '
+                         'in one process (SyncBN then acts as BN), or replace SyncBN by BN in the config.')
+    if not dist.is_initialized():
+        dist.init_process_group('gloo', rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))
+    if dist.get_rank() == 0:
+        print(f'No CUDA: training on CPU in {dist.get_world_size()} processes over gloo', flush=True)
+    cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict()).backend = 'gloo'   # as logged
+    wrapper = ConfigDict(cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False)))
+    wrapper.device_ids = None
+    cfg.model_wrapper_cfg = wrapper
+
+
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    init_cpu_distributed(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 

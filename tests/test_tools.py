@@ -6,35 +6,18 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from commands import ROOT, run_tool
 from dat_mm import DAT
 from golden import arch_from_authors_kwargs, golden_model, load_bundle, stage_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools'))
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
-
-
-def _tool(args, cwd) -> str:
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope='module')
-def tiny_workspace(tmp_path_factory):
-    """A folder holding data/tiny, where the demo configs' relative data paths resolve."""
-    from make_tiny_dataset import write_dataset
-    root = tmp_path_factory.mktemp('workspace')
-    write_dataset(root / 'data' / 'tiny', seed=1, train=6, val=3, size=96)
-    return root
 
 
 @pytest.mark.parametrize('config,metric', [
@@ -43,13 +26,13 @@ def tiny_workspace(tmp_path_factory):
 def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, tmp_path):
     config = ROOT / config
     short = ['default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=100']
-    _tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=2',
+    run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=2',
            *short], tiny_workspace)
     assert (tmp_path / 'iter_2.pth').exists()
     first = torch.load(tmp_path / 'iter_2.pth')
     assert first['meta']['iter'] == 2
 
-    out = _tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--resume', '--cfg-options',
+    out = run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--resume', '--cfg-options',
                  'train_cfg.max_iters=4', *short], tiny_workspace)
     assert re.search(r'resumed epoch: \d+, iter: 2', out)
     resumed = torch.load(tmp_path / 'iter_4.pth')
@@ -58,7 +41,7 @@ def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, t
     steps = {int(s['step']) for s in resumed['optimizer']['state'].values()}
     assert steps == {4}
 
-    out = _tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test'],
+    out = run_tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test'],
                 tiny_workspace)
     scores = json.loads(out.strip().splitlines()[-1].replace("'", '"'))
     assert math.isfinite(scores[metric]) and scores[metric] >= 0
@@ -189,7 +172,7 @@ def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
         ds = f'{loader}.dataset.'
         folders += [f'{ds}data_root={data}/', f'{ds}ann_file={split}.json', f'{ds}data_prefix.img={split}/',
                     f'{ds}metainfo.classes=[square,circle,triangle]']
-    _tool([ROOT / 'tools/train.py', ROOT / 'configs/det/retinanet_dat-t++_fpn_ms-crop-1x_coco.py',
+    run_tool([ROOT / 'tools/train.py', ROOT / 'configs/det/retinanet_dat-t++_fpn_ms-crop-1x_coco.py',
            '--work-dir', tmp_path, '--cfg-options', *folders, f'val_evaluator.ann_file={data}/val.json',
            'model.backbone.init_cfg=None', 'optim_wrapper.type=OptimWrapper',   # no ImageNet weights; no AMP on CPU
            'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
@@ -200,7 +183,7 @@ def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
 
 
 def test_flops_tool_prints_the_issue_checks_for_mask_rcnn_dat_t():
-    out = _tool([ROOT / 'tools/analysis/get_flops.py', ROOT / 'configs/det/mask-rcnn_dat-t_fpn_1x_coco.py'], ROOT)
+    out = run_tool([ROOT / 'tools/analysis/get_flops.py', ROOT / 'configs/det/mask-rcnn_dat-t_fpn_1x_coco.py'], ROOT)
     row = next(line for line in out.splitlines() if line.startswith('mask-rcnn_dat-t_fpn_1x_coco.py'))
     param_diff, flops_diff = (float(d) for d in re.findall(r'PASS ([+-][\d.]+)%', row))
     assert abs(param_diff) <= 2 and abs(flops_diff) <= 5     # 48M and 272G, attention products counted

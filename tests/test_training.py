@@ -1,0 +1,122 @@
+"""The training path beyond one uninterrupted process: two ranks over gloo, and a killed run resumed."""
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import torch
+
+import dat_mm  # noqa: F401  (makes MMEngine checkpoints loadable under weights_only)
+from commands import ROOT, run_tool, tool_env
+from configs import build_model, load_config
+
+SEGMENTOR = ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py'
+
+# A hook that writes what its rank saw and held: the images of every batch, the parameters before and
+# after training. Registered in MMEngine's root registry, which mmseg's registry falls back to.
+RECORDER = '''
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+
+def _params(runner):
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@HOOKS.register_module()
+class RecordRankHook(Hook):
+    def before_train(self, runner):
+        self.images, self.before = [], _params(runner)
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self.images += [sample.img_path for sample in data_batch['data_samples']]
+
+    def after_train(self, runner):
+        torch.save(dict(world_size=runner.world_size, images=self.images, before=self.before,
+                        after=_params(runner)), f'{runner.work_dir}/rank{runner.rank}.pt')
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
+    (tmp_path / 'record_rank_hook.py').write_text(RECORDER)
+    config = tmp_path / 'recorded.py'
+    config.write_text(f"_base_ = '{SEGMENTOR}'\ncustom_imports = dict(imports=['dat_mm', 'record_rank_hook'])\n"
+                      "custom_hooks = [dict(type='RecordRankHook')]\n")
+    work = tmp_path / 'work'
+    env = tool_env(PYTHON=sys.executable, PORT=str(_free_port()), PYTHONPATH=str(tmp_path))
+
+    def dist_train(max_iters, *extra):
+        proc = subprocess.run(['bash', ROOT / 'tools/dist_train.sh', config, '2', '--work-dir', work, *extra,
+                               '--cfg-options', f'train_cfg.max_iters={max_iters}', 'default_hooks.checkpoint.interval=3',
+                               'train_cfg.val_interval=100', 'default_hooks.logger.interval=1'],
+                              cwd=tiny_workspace, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    out = dist_train(3)
+    assert 'Distributed training: True' in out and 'GPU number: 2' in out   # MMEngine's word for world size
+    ranks = [torch.load(work / f'rank{r}.pt') for r in range(2)]
+    assert [r['world_size'] for r in ranks] == [2, 2]
+    # 3 iterations x 4 images per rank. The sampler deals each shuffled pass over the 6 training images
+    # out between the ranks: 3 each, none seen by both.
+    assert all(len(r['images']) == 12 for r in ranks)
+    for start in range(0, 12, 3):
+        first, second = (set(r['images'][start:start + 3]) for r in ranks)
+        assert len(first) == len(second) == 3 and not first & second
+    # DDP averaged the gradients, so both ranks took identical steps away from the same start.
+    for name, value in ranks[0]['after'].items():
+        assert torch.equal(value, ranks[1]['after'][name]), name
+        assert torch.equal(ranks[0]['before'][name], ranks[1]['before'][name]), name
+    moved = [n for n, v in ranks[0]['after'].items() if not torch.equal(v, ranks[0]['before'][n])]
+    assert len(moved) > 0.9 * len(ranks[0]['after'])
+    # Rank 0 wrote the checkpoint, with the weights both ranks hold.
+    checkpoint = torch.load(work / 'iter_3.pth')
+    assert all(torch.equal(checkpoint['state_dict'][n], v) for n, v in ranks[0]['after'].items())
+
+    out = dist_train(5, '--resume')
+    assert re.search(r'resumed epoch: \d+, iter: 3', out)
+    assert torch.load(work / 'iter_5.pth')['meta']['iter'] == 5
+    resumed = torch.load(work / 'rank0.pt')
+    assert all(torch.equal(resumed['before'][n], v) for n, v in ranks[0]['after'].items())
+
+
+def test_sync_bn_configs_say_they_need_gpus_on_a_cpu_launch(tmp_path):
+    config = ROOT / 'configs/det/cascade-mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py'
+    env = tool_env(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, ROOT / 'tools/train.py', config, '--launcher', 'pytorch',
+                           '--work-dir', tmp_path], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and 'SyncBN, which torch runs on GPUs only' in proc.stderr
+
+
+def test_a_killed_run_resumes_to_the_configured_end(tiny_workspace, tmp_path):
+    args = [sys.executable, ROOT / 'tools/train.py', SEGMENTOR, '--work-dir', tmp_path, '--cfg-options',
+            'train_cfg.max_iters=8', 'default_hooks.checkpoint.interval=3', 'train_cfg.val_interval=100',
+            'default_hooks.logger.interval=1']
+    proc = subprocess.Popen(args, cwd=tiny_workspace, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:   # kill it at iteration 4, between the checkpoints of iterations 3 and 6
+        seen.append(line)
+        if re.search(r'Iter\(train\) \[4/8\]', line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, ''.join(seen)[-3000:]
+    assert (tmp_path / 'iter_3.pth').exists() and not (tmp_path / 'iter_6.pth').exists()
+
+    out = run_tool([*args[1:], '--resume'], tiny_workspace)
+    assert re.search(r'resumed epoch: \d+, iter: 3', out)
+    final = torch.load(tmp_path / 'iter_8.pth')
+    assert final['meta']['iter'] == 8
+    model = build_model(load_config('seg/demo', SEGMENTOR.name), 'mmseg')
+    model.load_state_dict(final['state_dict'])   # strict: every key present, every shape right
