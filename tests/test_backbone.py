@@ -128,3 +128,28 @@ def test_bf16_autocast_stays_close_to_fp32(name):
     # Sampling coordinates never leave fp32.
     deformable = [p for stage in low_points for p in stage if p is not None]
     assert deformable and all(p[0].dtype == torch.float32 for p in deformable)
+
+
+@pytest.mark.parametrize('name', ['v1', 'pp'])
+def test_fp16_autocast_is_finite_at_detection_resolution(name):
+    """The AMP recipes train in fp16. At 800x1216 the deformable blocks' query grids are finest, and an
+    image normalised as the data preprocessor does has values up to about +-2.6. The loss is scaled by
+    2^16, the initial scale of AMP's dynamic loss scaling (without it, small bias-table gradients underflow
+    fp16): nothing may overflow at that scale."""
+    torch.manual_seed(0)
+    model = DAT(arch=mini_arch(name), with_cp=True)
+    model.init_weights()
+    model.train()
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    rows, cols = torch.meshgrid(torch.linspace(0, 1, 800), torch.linspace(0, 1, 1216), indexing='ij')
+    pixels = torch.stack([255 * rows, 255 * cols, 255 * (rows * cols > 0.25)])   # ramps and an edge
+    x = ((pixels - mean[:, None, None]) / std[:, None, None])[None]
+    with torch.autocast('cpu', dtype=torch.float16):
+        feats, points = model(x, return_points=True)
+        loss = sum(f.float().square().mean() for f in feats)
+    (loss * 2.0 ** 16).backward()
+    assert all(f.dtype == torch.float16 and torch.isfinite(f).all() for f in feats)
+    deformable = [p for stage in points for p in stage if p is not None]
+    assert deformable and all(p[0].dtype == torch.float32 for p in deformable)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
