@@ -1,7 +1,9 @@
-"""The demo: train, interrupt, resume and evaluate a DAT detector and a DAT segmentor on the tiny dataset.
+"""The demo: train, interrupt, resume and evaluate a DAT detector and a DAT segmentor on the tiny dataset,
+then draw what they predict and where the deformable attention looks.
 
-Each step runs the project's own tools (tools/train.py, tools/test.py) as a user would. The first training
-run stops halfway, as an interrupted job would; the second resumes from its last checkpoint.
+Each step runs the project's own tools (tools/train.py, tools/test.py, tools/demo_figures.py) as a user
+would. The first training run stops halfway, as an interrupted job would; the second resumes from its last
+checkpoint.
 
     python tools/demo.py [--work-dir work_dirs/demo] [--data data/tiny]
 """
@@ -20,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 from dat_mm.runner import last_checkpoint  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
+# name, config, figure task, metrics reported
 JOBS = [
-    ('detector', 'configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', ('coco/bbox_mAP', 'coco/segm_mAP')),
-    ('segmentor', 'configs/seg/demo/upernet_dat-mini_tiny-ade.py', ('mIoU', 'aAcc')),
+    ('detector', 'configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', 'det', ('coco/bbox_mAP', 'coco/segm_mAP')),
+    ('segmentor', 'configs/seg/demo/upernet_dat-mini_tiny-ade.py', 'seg', ('mIoU', 'aAcc')),
 ]
 
 
@@ -83,8 +86,8 @@ def main() -> None:
     if data.resolve() != (ROOT / 'data' / 'tiny').resolve():
         raise SystemExit('The demo configs read data/tiny; pass no --data or link it there')
 
-    results, curves = {}, {}
-    for name, config, metrics in JOBS:
+    results, curves, figures = {}, {}, [work_root / 'loss_curves.png']
+    for name, config, task, metrics in JOBS:
         max_iters = Config.fromfile(str(ROOT / config)).train_cfg.max_iters
         half = max_iters // 2
         wd = work_root / name
@@ -92,6 +95,7 @@ def main() -> None:
         wd.mkdir(parents=True)
         print(f'\n[{name}] {config}\n  1. training, stopping at iteration {half} of {max_iters} '
               '(as an interrupted job would)', flush=True)
+        train_start = time.time()
         run([python, 'tools/train.py', config, '--work-dir', str(wd), '--cfg-options',
              f'train_cfg.max_iters={half}'], wd / 'train_1.log')
         print(f'  2. resuming from {last_checkpoint(str(wd))}', flush=True)
@@ -99,23 +103,28 @@ def main() -> None:
         resumed = re.search(r'resumed epoch: \d+, iter: (\d+)', out)
         if not resumed or int(resumed.group(1)) != half:
             raise SystemExit(f'[{name}] the second run did not resume at iteration {half}; see {wd / "train_2.log"}')
+        train_minutes = (time.time() - train_start) / 60
         checkpoint = last_checkpoint(str(wd))
         print(f'  3. evaluating {checkpoint}', flush=True)
         out = run([python, 'tools/test.py', config, checkpoint, '--work-dir', str(wd / 'test')], wd / 'test.log')
         scores = json.loads(out.strip().splitlines()[-1].replace("'", '"'))
-        results[name] = (checkpoint, {m: scores[m] for m in metrics})
+        results[name] = (checkpoint, train_minutes, {m: scores[m] for m in metrics})
         curves[name] = (read_losses(wd), half)
+        figure = work_root / f'{name}_val.png'
+        print(f'  4. drawing its predictions on val images: {figure}', flush=True)
+        run([python, 'tools/demo_figures.py', task, config, checkpoint, str(figure)], wd / 'figures.log')
+        figures.append(figure)
 
-    plot = work_root / 'loss_curves.png'
-    plot_losses(curves, plot)
-    print(f'\nDemo finished in {(time.time() - start) / 60:.1f} minutes.')
-    for name, (checkpoint, scores) in results.items():
-        first, last = curves[name][0][0][1], curves[name][0][-1][1]
-        shown = ', '.join(f'{k} {v:.3f}' if 'coco' in k else f'{k} {v:.2f}' for k, v in scores.items())
-        print(f'  {name:<10} {shown}; training loss {first:.2f} -> {last:.2f}')
-        print(f'             checkpoint {checkpoint}')
-    print(f'  logs:        {work_root}/<detector|segmentor>/*.log and <timestamp>/ folders')
-    print(f'  loss curves: {plot}')
+    plot_losses(curves, figures[0])
+    print(f'\nDemo finished in {(time.time() - start) / 60:.1f} minutes. Logs: {work_root}/<detector|segmentor>/')
+    print('Pictures:\n' + '\n'.join(f'  {path}' for path in figures))
+    rows = [(name, metric, f'{value:.3f}' if metric.startswith('coco') else f'{value:.2f}', f'{minutes:.1f} min',
+             str(Path(checkpoint).relative_to(ROOT)) if Path(checkpoint).is_relative_to(ROOT) else checkpoint)
+            for name, (checkpoint, minutes, scores) in results.items() for metric, value in scores.items()]
+    header = ('model', 'metric', 'value', 'training time', 'checkpoint')
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, tuple('-' * w for w in widths)] + rows:
+        print('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 if __name__ == '__main__':
