@@ -198,3 +198,27 @@ def test_flops_count_attention_products_as_the_papers_do(arch):
     paper_params, paper_flops = IMAGENET[arch]
     assert abs(params - paper_params) / paper_params < 0.005
     assert abs(flops - paper_flops) / paper_flops < 0.01
+
+
+@pytest.mark.parametrize('config', ['configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py',
+                                    'configs/seg/demo/upernet_dat-mini_tiny-ade.py'], ids=['detector', 'segmentor'])
+def test_infer_draws_predictions_through_the_mm_inferencers(config, tmp_path):
+    from make_tiny_dataset import make_scene
+    image, _, _ = make_scene(np.random.default_rng(3), 96)
+    path = tmp_path / 'scene.png'
+    cv2.imwrite(str(path), image[..., ::-1])
+    # Random weights: a detector's scores sit near 1 / (classes + 1), so every box it keeps is drawn.
+    out = run_tool([ROOT / 'tools/infer.py', path, ROOT / config, '--out-dir', tmp_path / 'out', '--score-thr', '0'],
+                   tmp_path)
+    drawn_path = tmp_path / 'out' / 'vis' / 'scene.png'
+    assert str(drawn_path) in out
+    drawn = cv2.imread(str(drawn_path))
+    # The inferencer's visualizer drew its prediction over the image: same size, not the same pixels.
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image[..., ::-1])
+
+
+def test_infer_refuses_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, ROOT / 'tools/infer.py', ROOT / 'docs/demo_segmentor.jpg',
+                           ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py', tmp_path / 'nope.pth'],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and 'Checkpoint not found' in proc.stderr
