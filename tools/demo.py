@@ -86,7 +86,8 @@ def main() -> None:
     if data.resolve() != (ROOT / 'data' / 'tiny').resolve():
         raise SystemExit('The demo configs read data/tiny; pass no --data or link it there')
 
-    results, curves, figures = {}, {}, [work_root / 'loss_curves.png']
+    plot = work_root / 'loss_curves.png'
+    results, curves, figures = {}, {}, [plot]
     for name, config, task, metrics in JOBS:
         max_iters = Config.fromfile(str(ROOT / config)).train_cfg.max_iters
         half = max_iters // 2
@@ -115,7 +116,7 @@ def main() -> None:
         run([python, 'tools/demo_figures.py', task, config, checkpoint, str(figure)], wd / 'figures.log')
         figures.append(figure)
 
-    plot_losses(curves, figures[0])
+    plot_losses(curves, plot)
     print(f'\nDemo finished in {(time.time() - start) / 60:.1f} minutes. Logs: {work_root}/<detector|segmentor>/')
     print('Pictures:\n' + '\n'.join(f'  {path}' for path in figures))
     rows = [(name, metric, f'{value:.3f}' if metric.startswith('coco') else f'{value:.2f}', f'{minutes:.1f} min',

@@ -7,13 +7,15 @@ A thin wrapper over mmdet's DetInferencer and mmseg's MMSegInferencer, picked by
 pictures go to OUT_DIR/vis/. Without a checkpoint the weights are random (for trying a config out).
 """
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build_inferencer(config: str, checkpoint: str = None, device: str = 'cpu'):
+def build_inferencer(config: str, checkpoint: str = None, device: str = 'cpu', score_thr: float = 0.3):
+    """A callable ``(inputs, out_dir)`` over the inferencer of the config's scope."""
     from mmengine.config import Config
     import dat_mm  # noqa: F401  (registers the backbone; safe checkpoint loading)
     cfg = Config.fromfile(config)
@@ -22,7 +24,8 @@ def build_inferencer(config: str, checkpoint: str = None, device: str = 'cpu'):
     scope = cfg.get('default_scope')
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
-        return DetInferencer(model=cfg, weights=checkpoint, device=device, show_progress=False)
+        inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device, show_progress=False)
+        return functools.partial(inferencer, pred_score_thr=score_thr)
     if scope == 'mmseg':
         from mmseg.apis import MMSegInferencer
         return MMSegInferencer(model=cfg, weights=checkpoint, device=device)
@@ -41,9 +44,8 @@ def main() -> None:
     for path, what in ((args.inputs, 'Input'), (args.config, 'Config'), (args.checkpoint, 'Checkpoint')):
         if path and not Path(path).exists():
             raise SystemExit(f'{what} not found: {path}')
-    inferencer = build_inferencer(args.config, args.checkpoint, args.device)
-    extra = dict(pred_score_thr=args.score_thr) if type(inferencer).__name__ == 'DetInferencer' else {}
-    inferencer(args.inputs, out_dir=args.out_dir, **extra)
+    infer = build_inferencer(args.config, args.checkpoint, args.device, args.score_thr)
+    infer(args.inputs, out_dir=args.out_dir)
     for picture in sorted((Path(args.out_dir) / 'vis').iterdir()):
         print(picture)
 
