@@ -46,6 +46,11 @@ def forward_with_points(model, x: torch.Tensor) -> Tuple[List[Tuple[int, int]], 
     return shapes, points
 
 
+def deformable_blocks(points: Sequence[Sequence]) -> List[Tuple[int, int]]:
+    """(stage, block) of every deformable block, in order, from the points a DAT forward returns."""
+    return [(s, b) for s, stage in enumerate(points) for b, p in enumerate(stage) if p is not None]
+
+
 def block_pixels(points: Sequence[Sequence], feature_shapes: Sequence[Tuple[int, int]], image_hw: Tuple[int, int],
                  stage: int, block: int) -> List[np.ndarray]:
     """Per group, the (Hk*Wk, 2) image-pixel sampling points of one deformable block of image 0."""

@@ -100,8 +100,8 @@ def _setup_dry_run(**env):
     import os
     import subprocess
     from commands import ROOT
-    env = dict({k: v for k, v in os.environ.items() if k != 'TORCH_CUDA_ARCH_LIST'}, DAT_MM_SETUP_DRY_RUN='1', DAT_MM_ASSUME_CUDA='13.0', DAT_MM_VENV=str(ROOT / '.venv'),
-               DAT_MM_WHEEL_CACHE='/wheels', **env)
+    env = dict({k: v for k, v in os.environ.items() if k != 'TORCH_CUDA_ARCH_LIST'}, DAT_MM_SETUP_DRY_RUN='1',
+               DAT_MM_ASSUME_CUDA='13.0', DAT_MM_VENV=str(ROOT / '.venv'), DAT_MM_WHEEL_CACHE='/wheels', **env)
     return subprocess.run(['bash', str(ROOT / 'tools/setup_env.sh')], env=env, capture_output=True, text=True)
 
 

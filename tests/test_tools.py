@@ -27,13 +27,13 @@ def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, t
     config = ROOT / config
     short = ['default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=100']
     run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=2',
-           *short], tiny_workspace)
+              *short], tiny_workspace)
     assert (tmp_path / 'iter_2.pth').exists()
     first = torch.load(tmp_path / 'iter_2.pth')
     assert first['meta']['iter'] == 2
 
     out = run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--resume', '--cfg-options',
-                 'train_cfg.max_iters=4', *short], tiny_workspace)
+                    'train_cfg.max_iters=4', *short], tiny_workspace)
     assert re.search(r'resumed epoch: \d+, iter: 2', out)
     resumed = torch.load(tmp_path / 'iter_4.pth')
     assert resumed['meta']['iter'] == 4
@@ -42,7 +42,7 @@ def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, t
     assert steps == {4}
 
     out = run_tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test'],
-                tiny_workspace)
+                   tiny_workspace)
     scores = json.loads(out.strip().splitlines()[-1].replace("'", '"'))
     assert math.isfinite(scores[metric]) and scores[metric] >= 0
 
@@ -173,17 +173,18 @@ def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
         folders += [f'{ds}data_root={data}/', f'{ds}ann_file={split}.json', f'{ds}data_prefix.img={split}/',
                     f'{ds}metainfo.classes=[square,circle,triangle]']
     run_tool([ROOT / 'tools/train.py', ROOT / 'configs/det/retinanet_dat-t++_fpn_ms-crop-1x_coco.py',
-           '--work-dir', tmp_path, '--cfg-options', *folders, f'val_evaluator.ann_file={data}/val.json',
-           'model.backbone.init_cfg=None', 'optim_wrapper.type=OptimWrapper',   # no ImageNet weights; no AMP on CPU
-           'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
-           'train_cfg.max_epochs=1', 'train_cfg.val_interval=10'], tiny_workspace)
+              '--work-dir', tmp_path, '--cfg-options', *folders, f'val_evaluator.ann_file={data}/val.json',
+              'model.backbone.init_cfg=None', 'optim_wrapper.type=OptimWrapper',   # no ImageNet weights; no AMP on CPU
+              'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+              'train_cfg.max_epochs=1', 'train_cfg.val_interval=10'], tiny_workspace)
     checkpoint = torch.load(tmp_path / 'epoch_1.pth')
     assert checkpoint['meta']['epoch'] == 1 and checkpoint['meta']['iter'] == 3   # 6 images, 2 per batch
     assert any(k.startswith('backbone.stages.0.attns.1.rpe_table') for k in checkpoint['state_dict'])
 
 
 def test_flops_tool_prints_the_issue_checks_for_mask_rcnn_dat_t():
-    out = run_tool([ROOT / 'tools/analysis/get_flops.py', ROOT / 'configs/det/mask-rcnn_dat-t_fpn_1x_coco.py'], ROOT)
+    out = run_tool([ROOT / 'tools/analysis/get_flops.py', ROOT / 'configs/det/mask-rcnn_dat-t_fpn_1x_coco.py'],
+                   ROOT)
     row = next(line for line in out.splitlines() if line.startswith('mask-rcnn_dat-t_fpn_1x_coco.py'))
     param_diff, flops_diff = (float(d) for d in re.findall(r'PASS ([+-][\d.]+)%', row))
     assert abs(param_diff) <= 2 and abs(flops_diff) <= 5     # 48M and 272G, attention products counted

@@ -57,8 +57,9 @@ def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
 
     def dist_train(max_iters, *extra):
         proc = subprocess.run(['bash', ROOT / 'tools/dist_train.sh', config, '2', '--work-dir', work, *extra,
-                               '--cfg-options', f'train_cfg.max_iters={max_iters}', 'default_hooks.checkpoint.interval=3',
-                               'train_cfg.val_interval=100', 'default_hooks.logger.interval=1'],
+                               '--cfg-options', f'train_cfg.max_iters={max_iters}',
+                               'default_hooks.checkpoint.interval=3', 'train_cfg.val_interval=100',
+                               'default_hooks.logger.interval=1'],
                               cwd=tiny_workspace, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr

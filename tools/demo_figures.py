@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dat_mm.visualization import block_pixels, draw_sampling_points, forward_with_points  # noqa: E402
+from dat_mm.visualization import (block_pixels, deformable_blocks, draw_sampling_points,  # noqa: E402
+                                  forward_with_points)
 
 ZOOM = 3   # the tiny images are 128 px: drawn larger so that labels and dots stay readable
 
@@ -27,10 +28,6 @@ def val_images(cfg, count: int) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix in ('.png', '.jpg'))[:count]
 
 
-def last_deformable_block(points) -> tuple:
-    return [(s, b) for s, stage in enumerate(points) for b, p in enumerate(stage) if p is not None][-1]
-
-
 def detector_panel(model, visualizer, path: Path, score_thr: float) -> np.ndarray:
     from mmdet.apis import inference_detector
     inputs = []
@@ -40,7 +37,7 @@ def detector_panel(model, visualizer, path: Path, score_thr: float) -> np.ndarra
     finally:
         hook.remove()
     shapes, points = forward_with_points(model.backbone, inputs[0])
-    stage, block = last_deformable_block(points)
+    stage, block = deformable_blocks(points)[-1]
     pixels = block_pixels(points, shapes, tuple(inputs[0].shape[2:]), stage, block)
     scale_w, scale_h = result.metainfo['scale_factor']
 

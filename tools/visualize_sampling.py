@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dat_mm import DAT  # noqa: E402
 from dat_mm.checkpoint import load_backbone_checkpoint  # noqa: E402
-from dat_mm.visualization import block_pixels, draw_sampling_points, forward_with_points  # noqa: E402
+from dat_mm.visualization import (block_pixels, deformable_blocks, draw_sampling_points,  # noqa: E402
+                                  forward_with_points)
 
 MEAN, STD = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
 
@@ -43,7 +44,7 @@ def visualize(model: DAT, image_bgr: np.ndarray, blocks, out_dir: Path, radius: 
     x = torch.from_numpy(((rgb - MEAN) / STD).transpose(2, 0, 1)).float()[None]
     feature_shapes, points = forward_with_points(model, x)
     if blocks is None:
-        blocks = [(s, b) for s, stage in enumerate(points) for b, p in enumerate(stage) if p is not None]
+        blocks = deformable_blocks(points)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for stage, block in blocks:
