@@ -107,8 +107,11 @@ class DeformableAttention(nn.Module):
         offset = offset.permute(0, 2, 3, 1).to(cdtype)            # (B*g, Hk, Wk, 2)
         ref = self._reference_points(hk, wk, x.device, cdtype)
         if self.offset_range_factor >= 0:
-            scale = offset.new_tensor([self.offset_range_factor / hk, self.offset_range_factor / wk])
-            pos = ref + offset.tanh() * scale
+            # Scaled per axis with Python arithmetic on hk, wk (not a new tensor), so that an ONNX trace keeps
+            # the scale a function of the input size instead of a constant.
+            bound = offset.tanh()
+            pos = ref + torch.stack([bound[..., 0] * (self.offset_range_factor / hk),
+                                     bound[..., 1] * (self.offset_range_factor / wk)], dim=-1)
         else:
             pos = (ref + offset).clamp(-1.0, 1.0)
 
