@@ -33,6 +33,14 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     return queries.clamp(max=length - 1), keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
 
 
+def _shortfall(length, kernel_size: int):
+    """max(0, kernel_size - length). Under an ONNX trace ``length`` is a 0-d tensor, and Python's max would
+    freeze the branch taken at the export size; the clamp keeps the padding a function of the input."""
+    if isinstance(length, torch.Tensor):
+        return (kernel_size - length).clamp(min=0)
+    return max(0, kernel_size - length)
+
+
 class NeighborhoodAttention(nn.Module):
     """2-D neighborhood attention ('N' blocks of DAT++), pure PyTorch, numerically NATTEN 0.14.6.
 
@@ -59,7 +67,7 @@ class NeighborhoodAttention(nn.Module):
         batch, channels, height, width = x.shape
         k = self.kernel_size
         x = x.permute(0, 2, 3, 1)
-        x = F.pad(x, (0, 0, 0, max(0, k - width), 0, max(0, k - height)))
+        x = F.pad(x, (0, 0, 0, _shortfall(width, k), 0, _shortfall(height, k)))
         hp, wp = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
         q, key, value = qkv[0] * self.scale, qkv[1], qkv[2]   # (B, heads, Hp, Wp, d)
