@@ -1,6 +1,7 @@
-"""What tools/train.py and tools/test.py share: one config loader for mmdet and mmseg configs, and
-distributed runs on machines without CUDA."""
+"""What the tools share: one config loader for mmdet and mmseg configs, distributed runs on machines
+without CUDA, and building a config's model outside a Runner (FLOPs, export)."""
 import argparse
+import copy
 import os
 import os.path as osp
 from typing import Optional
@@ -86,3 +87,20 @@ def last_checkpoint(work_dir: str) -> Optional[str]:
     with open(marker) as f:
         path = f.read().strip()
     return path if osp.isfile(path) else None
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The config's detector or segmentor on CPU in eval mode, SyncBN replaced by BN, without ImageNet
+    weights (load a checkpoint afterwards)."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import DefaultScope
+    import dat_mm  # noqa: F401  (registers the backbone)
+    scope = cfg.get('default_scope')
+    if scope not in ('mmdet', 'mmseg'):
+        raise SystemExit(f"default_scope is {scope!r}; expected an mmdet or mmseg config")
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.get('backbone', {}).get('init_cfg'):
+        cfg.model.backbone.init_cfg = None
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        return revert_sync_batchnorm(registry.build(cfg.model)).eval()

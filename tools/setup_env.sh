@@ -104,6 +104,8 @@ log "mmdet, mmsegmentation, dat_mm"
 # serves `mim download`, so it is left out.
 "${PIP[@]}" --no-deps "openmim==0.3.9"
 "${PIP[@]}" click colorama model-index pandas requests rich tabulate
+# The deploy extra (tools/export_onnx.py and its test).
+"${PIP[@]}" "onnx==1.23.2" "onnxruntime==1.32.0"
 "${PIP[@]}" --no-deps -e "$ROOT"
 
 "$VENV/bin/python" - <<'PY'

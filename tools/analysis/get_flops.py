@@ -17,11 +17,12 @@ import torch
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 from mmengine.config import Config
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import DefaultScope
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from dat_mm.runner import build_model  # noqa: E402
+
 # (params M, GFLOPs) from ../shared/spec/DAT.md sections 4 and 6; None where the paper gives none.
 PUBLISHED = {
     'mask-rcnn_dat-t_fpn_1x_coco.py': (48, 272), 'mask-rcnn_dat-s_fpn_1x_coco.py': (69, 378),
@@ -72,14 +73,11 @@ def analyse(module: nn.Module, inputs: torch.Tensor, mask_roi_fraction: float = 
 
 def config_row(path: Path) -> tuple:
     cfg = Config.fromfile(str(path))
-    cfg.model.backbone.init_cfg = None
     # Same arithmetic as the fast path; the fast neighborhood attention multiplies whole 13x13 key tiles
     # under a mask, which would count keys outside each query's 7x7 window.
     cfg.model.backbone.reference_attention = True
-    scope = 'mmdet' if path.parent.name == 'det' else 'mmseg'
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        model = revert_sync_batchnorm(registry.build(cfg.model)).eval()
+    scope = cfg.default_scope
+    model = build_model(cfg)
     h, w = (800, 1280) if scope == 'mmdet' else (512, 2048)
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
                 scale_factor=(1., 1.))
