@@ -1,4 +1,33 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+# What `mim search / train / test` read from an installed package: <package>/.mim/{configs,tools,model-index.yml}.
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+
+
+class BuildWithMimFiles(build_py):
+    """Copies the configs, tools and model index into the built package, so that a wheel carries them.
+
+    An editable install gets no copy: mim looks for an installed package's files next to its installed
+    modules, which an editable install does not have; there the repository's tools and configs are used by
+    path (``python tools/train.py configs/...``, ``mim train mmdet configs/...``)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / 'dat_mm' / '.mim'
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in MIM_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, target / name, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+            else:
+                shutil.copy2(source, target / name)
+
 
 setup(
     name='dat_mm',
@@ -8,5 +37,6 @@ setup(
     python_requires='>=3.8',
     # mmcv (full, with compiled ops) is built from source by tools/setup_env.sh; pip cannot do that unaided.
     install_requires=['torch>=2.0', 'mmengine>=0.10.0,<1.0', 'mmdet>=3.0,<4.0', 'mmsegmentation>=1.0,<2.0'],
-    extras_require={'timm': ['timm']},
+    extras_require={'timm': ['timm'], 'deploy': ['onnx', 'onnxruntime']},
+    cmdclass={'build_py': BuildWithMimFiles},
 )
