@@ -61,6 +61,20 @@ def test_batch_elements_are_independent(arch):
         assert torch.allclose(a[1:2], b, atol=1e-5)
 
 
+def test_features_are_contiguous_nchw_as_mmcv_ops_read_them(arch):
+    """mmcv's RoIAlign reads its input's memory as contiguous NCHW; channels-last features (what a channel
+    LayerNorm leaves) gave every two-stage detector scrambled RoI features."""
+    from mmcv.ops import roi_align
+    feats = DAT(arch=arch).eval()(torch.randn(2, 3, 64, 96))
+    assert all(f.is_contiguous() for f in feats)
+    rois = torch.tensor([[0, 4.0, 8.0, 60.0, 40.0], [1, 10.0, 2.0, 90.0, 62.0]])
+    pooled = roi_align(feats[0], rois, (7, 7), 0.25, 0, 'avg', True)
+    channels_last = feats[0].contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(roi_align(channels_last, rois, (7, 7), 0.25, 0, 'avg', True), pooled), \
+        'this mmcv reads channels-last input correctly; the contiguity would no longer matter'
+    assert torch.equal(roi_align(feats[0].clone(), rois, (7, 7), 0.25, 0, 'avg', True), pooled)
+
+
 @pytest.mark.parametrize('bad', [torch.randn(3, 64, 64), torch.randn(1, 4, 64, 64)], ids=['3d', '4ch'])
 def test_wrong_input_raises_a_clear_error(bad):
     with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\)'):

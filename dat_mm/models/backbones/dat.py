@@ -268,5 +268,8 @@ class DAT(BaseModule):
             x, stage_points = stage(x)
             points.append(stage_points)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x))
+                # Contiguous NCHW, as mm necks and heads expect: the channel LayerNorm leaves a channels-last
+                # layout, which convolutions carry on and which mmcv's RoIAlign reads as NCHW, scrambling the
+                # RoI features of every two-stage detector.
+                outs.append(getattr(self, f'norm{i}')(x).contiguous())
         return (tuple(outs), points) if return_points else tuple(outs)
