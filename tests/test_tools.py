@@ -219,7 +219,7 @@ def test_infer_draws_predictions_through_the_mm_inferencers(config, tmp_path):
 
 
 def test_infer_refuses_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, ROOT / 'tools/infer.py', ROOT / 'docs/demo_segmentor.jpg',
+    proc = subprocess.run([sys.executable, ROOT / 'tools/infer.py', ROOT / 'docs/demo_detector.jpg',
                            ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py', tmp_path / 'nope.pth'],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and 'Checkpoint not found' in proc.stderr

@@ -14,6 +14,9 @@ import numpy as np
 
 CLASSES = ('square', 'circle', 'triangle')
 HUES = {'square': (200, 60, 50), 'circle': (50, 180, 60), 'triangle': (60, 80, 210)}   # RGB
+# Radius factors that give every shape the area of a circle of the drawn radius. Inscribed in the same circle,
+# a triangle covers 41 % of it, and at a third of a square's area the segmentor never learned to label it.
+AREA_SCALE = {'square': (np.pi / 4) ** 0.5, 'circle': 1.0, 'triangle': (np.pi / (3 * 3 ** 0.5 / 4)) ** 0.5}
 # ADE20K convention: 0 is 'other' and is ignored (reduce_zero_label), so labels start at 1.
 ADE_CLASSES = ('background',) + CLASSES
 
@@ -36,7 +39,7 @@ def make_scene(rng: np.random.Generator, size: int):
     objects = []
     for _ in range(rng.integers(2, 6)):
         cls = int(rng.integers(len(CLASSES)))
-        r = rng.uniform(size * 0.08, size * 0.2)
+        r = rng.uniform(size * 0.08, size * 0.2) * AREA_SCALE[CLASSES[cls]]
         cx, cy = rng.uniform(r, size - r, 2)
         poly = _polygon(CLASSES[cls], cx, cy, r, rng)
         color = np.array(HUES[CLASSES[cls]]) + rng.normal(0, 15, 3)
