@@ -115,7 +115,7 @@ def test_setup_builds_mmcv_cuda_ops_with_a_cuda_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     build = next(line for line in proc.stdout.splitlines() if 'pip wheel' in line)
     for part in ('FORCE_CUDA=1', 'MMCV_WITH_OPS=1', f'CUDA_HOME={tmp_path / "cuda"}', '--no-build-isolation',
-                 'TORCH_CUDA_ARCH_LIST=7.0;7.5;8.0;8.6;8.9;9.0', 'mmcv==2.1.0'):
+                 '--no-cache-dir', 'TORCH_CUDA_ARCH_LIST=7.0;7.5;8.0;8.6;8.9;9.0', 'mmcv==2.1.0'):
         assert part in build
     # The CUDA version and the architectures are part of the wheel cache's key.
     assert '-cuda13.0-sm7_0_7_5_8_0_8_6_8_9_9_0' in proc.stdout

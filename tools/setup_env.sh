@@ -65,7 +65,9 @@ if torch.cuda.is_available():
   BUILD_ENV+=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$ARCHS" "CUDA_HOME=$CUDA_ROOT")
   MMCV_DIR="$MMCV_DIR-cuda$TORCH_CUDA-sm${ARCHS//[;. ]/_}"
 fi
-BUILD=(env "${BUILD_ENV[@]}" "$VENV/bin/python" -m pip wheel -v --no-deps --no-build-isolation
+# --no-cache-dir: pip's own wheel cache keys a built mmcv by its source alone and would hand back a wheel
+# compiled against another torch (or without CUDA ops) in a second-long "build".
+BUILD=(env "${BUILD_ENV[@]}" "$VENV/bin/python" -m pip wheel -v --no-deps --no-build-isolation --no-cache-dir
        --no-binary mmcv -w "$MMCV_DIR.tmp" "mmcv==$MMCV_VERSION")
 if [ "$DRY_RUN" = 1 ]; then
   echo "[setup] dry run: would build into $MMCV_DIR"
