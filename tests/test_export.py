@@ -1,6 +1,8 @@
 """tools/export_onnx.py: small DAT++ and DAT v1 backbones and a segmentor, exported with dynamic height and
 width and checked in onnxruntime against PyTorch at three shapes."""
 import re
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -52,8 +54,6 @@ def test_segmentor_exports_whole_with_its_pyramid_pooling(tmp_path):
 
 
 def test_export_refuses_a_too_small_shape(tmp_path):
-    import subprocess
-    import sys
     proc = subprocess.run([sys.executable, 'tools/export_onnx.py', 'configs/seg/demo/upernet_dat-mini_tiny-ade.py',
                            '--shape', '16', '64', '--out', str(tmp_path / 'x.onnx')], cwd=ROOT, capture_output=True,
                           text=True)

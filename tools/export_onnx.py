@@ -17,6 +17,7 @@ Needs the deploy extra: ``pip install onnx onnxruntime`` (``pip install .[deploy
 """
 import argparse
 import copy
+import importlib.util
 import logging
 import sys
 import warnings
@@ -124,9 +125,7 @@ def main() -> int:
     parser.add_argument('--out', help='backbone .onnx file (default: work_dirs/onnx/<config name>.onnx)')
     parser.add_argument('--check', action='store_true', help='compare onnxruntime with PyTorch')
     args = parser.parse_args()
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec('onnx') is None:
         raise SystemExit('ONNX export needs onnx (and onnxruntime for --check): pip install onnx onnxruntime')
     if not Path(args.config).is_file():
         raise SystemExit(f'Config file not found: {args.config}')
