@@ -223,3 +223,13 @@ def test_infer_refuses_a_missing_checkpoint(tmp_path):
                            ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py', tmp_path / 'nope.pth'],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and 'Checkpoint not found' in proc.stderr
+
+
+def test_benchmark_cuda_mode_is_a_dry_run_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present: the CUDA mode would measure')
+    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cuda', '--sizes', '1344x800', '--modes', 'fwd'],
+                   ROOT)
+    assert 'needs a GPU' in out
+    assert len(re.findall(r'1344x800 fwd +\S', out)) == 5, 'every model listed, nothing measured'
+    assert '| size |' not in out

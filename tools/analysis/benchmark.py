@@ -6,6 +6,7 @@ model and input (on CUDA torch's peak allocation; on CPU the peak resident set s
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
     python tools/analysis/benchmark.py --sizes 1344x800 --reps 3 --device cuda
+        # without a GPU: a dry run that lists what the GPU run would measure
 """
 import argparse
 import json
@@ -101,6 +102,15 @@ def main() -> int:
 
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        # A dry run: shows on a CPU-only machine what the GPU run will measure, and measures nothing.
+        print(f'dry run: --device {device} needs a GPU, and torch {torch.__version__} sees none. On a GPU machine '
+              'this would measure:')
+        for size in args.sizes:
+            for mode in args.modes:
+                for name in args.models:
+                    print(f'  {size:>9} {mode:<7} {name}')
+        return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}', flush=True)
     results = {}
