@@ -89,6 +89,12 @@ def last_checkpoint(work_dir: str) -> Optional[str]:
     return path if osp.isfile(path) else None
 
 
+def skip_backbone_init(cfg: Config) -> None:
+    """Drops the backbone's ImageNet ``init_cfg``: a checkpoint loaded afterwards holds the backbone."""
+    if cfg.model.get('backbone', {}).get('init_cfg'):
+        cfg.model.backbone.init_cfg = None
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """The config's detector or segmentor on CPU in eval mode, SyncBN replaced by BN, without ImageNet
     weights (load a checkpoint afterwards)."""
@@ -99,8 +105,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if scope not in ('mmdet', 'mmseg'):
         raise SystemExit(f"default_scope is {scope!r}; expected an mmdet or mmseg config")
     cfg = copy.deepcopy(cfg)
-    if cfg.model.get('backbone', {}).get('init_cfg'):
-        cfg.model.backbone.init_cfg = None
+    skip_backbone_init(cfg)
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     with DefaultScope.overwrite_default_scope(scope):
         return revert_sync_batchnorm(registry.build(cfg.model)).eval()

@@ -18,9 +18,9 @@ def build_inferencer(config: str, checkpoint: str = None, device: str = 'cpu', s
     """A callable ``(inputs, out_dir)`` over the inferencer of the config's scope."""
     from mmengine.config import Config
     import dat_mm  # noqa: F401  (registers the backbone; safe checkpoint loading)
+    from dat_mm.runner import skip_backbone_init
     cfg = Config.fromfile(config)
-    if cfg.model.get('backbone', {}).get('init_cfg'):
-        cfg.model.backbone.init_cfg = None   # the checkpoint holds the backbone; no ImageNet weights needed
+    skip_backbone_init(cfg)
     scope = cfg.get('default_scope')
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer

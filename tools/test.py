@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dat_mm.runner import add_common_args, build_runner, load_config  # noqa: E402
+from dat_mm.runner import add_common_args, build_runner, load_config, skip_backbone_init  # noqa: E402
 
 
 def main() -> None:
@@ -21,8 +21,7 @@ def main() -> None:
         raise SystemExit(f'Checkpoint not found: {args.checkpoint}')
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
-    if cfg.model.get('backbone', {}).get('init_cfg'):
-        cfg.model.backbone.init_cfg = None   # the checkpoint holds the backbone; no ImageNet weights needed
+    skip_backbone_init(cfg)
     if args.tta:
         if 'tta_pipeline' not in cfg or 'tta_model' not in cfg:
             raise SystemExit(f'{args.config} defines no tta_pipeline / tta_model')
