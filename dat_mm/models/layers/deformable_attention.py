@@ -2,9 +2,9 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
 
+from .biased_attention import attention_backward
 from .norm import LayerNorm2d
 
 
@@ -128,13 +128,16 @@ class DeformableAttention(nn.Module):
         out = self.proj_out(out.reshape(batch, channels, height, width))
         return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
 
+    def _table(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B*g, heads/g, 2h0-1, 2w0-1) bias table of each offset group, for ``groups`` = B*g."""
+        table = self.rpe_table.to(dtype).expand(groups // self.groups, -1, -1, -1)
+        return table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
+
     def _bias(self, query: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(B*heads, M, Ns) bias of M query positions (M, 2) towards the keys at pos (B*g, Ns, 2)."""
-        groups = pos.shape[0]
         displacement = (query[None, :, None] - pos[:, None]) * 0.5                 # (B*g, M, Ns, 2)
-        table = self.rpe_table.to(pos.dtype).expand(groups // self.groups, -1, -1, -1)
-        table = table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
-        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
+        bias = F.grid_sample(self._table(pos.shape[0], pos.dtype), displacement.flip(-1), mode='bilinear',
+                             align_corners=True)
         return bias.reshape(-1, query.shape[0], pos.shape[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
@@ -148,29 +151,84 @@ class DeformableAttention(nn.Module):
         scores = scores + self._bias(query, pos).to(scores.dtype)
         return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)
 
-    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                     query: torch.Tensor) -> torch.Tensor:
-        """q: (B*heads, M, d) for the M query positions ``query`` (M, 2); k, v: (B*heads, Ns, d)."""
-        bias = self._bias(query, pos).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-
     def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                         height: int, width: int) -> torch.Tensor:
-        """Fast path, same arguments and result as :meth:`_attend`.
+        """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
+        batch_heads, dim, num_keys = k.shape
+        batch, heads = batch_heads // self.num_heads, self.num_heads
+        # (x, y) order and the factor 1/2 of the displacement are applied once here, on the small tensors.
+        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(-1, 2).flip(-1) * 0.5
+        keys = pos.flip(-1) * 0.5
 
-        Bias, scores and softmax exist for one chunk of query rows at a time (fused in
-        ``scaled_dot_product_attention``); under autograd each chunk is recomputed in backward rather than
-        kept, so neither pass holds a (queries, keys) tensor of the whole map.
-        """
-        batch_heads, num_keys = k.shape[0], k.shape[2]
-        rows = max(1, min(height, CHUNK_ELEMENTS // (batch_heads * width * num_keys)))
-        query = self._query_grid(height, width, pos.device, pos.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pos, self.rpe_table))
-        outs = []
-        for start in range(0, height, rows):
-            stop = min(height, start + rows)
-            args = (q[:, start * width:stop * width], k, v, pos, query[start:stop].reshape(-1, 2))
-            outs.append(cp.checkpoint(self._attend_rows, *args, use_reentrant=False) if recompute
-                        else self._attend_rows(*args))
-        return torch.cat(outs, dim=1).transpose(1, 2)
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, heads, dim, -1).transpose(2, 3).contiguous()
+
+        out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v),
+                                            self.rpe_table, keys, query, self.groups, self.scale)
+        return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
+
+
+def _chunk_bias(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, heads, M, Ns) bias of M queries. table: (heads, Th, Tw); keys: (B*g, Ns, 2), query: (M, 2), both
+    (x, y) and halved, so that their difference is grid_sample's grid."""
+    batch_groups, heads = keys.shape[0], table.shape[0]
+    grid = query[None, :, None] - keys[:, None]                                    # (B*g, M, Ns, 2)
+    table = table.to(keys.dtype).reshape(groups, heads // groups, *table.shape[1:])
+    table = table.expand(batch_groups // groups, -1, -1, -1, -1).reshape(batch_groups, heads // groups,
+                                                                       *table.shape[2:])
+    bias = F.grid_sample(table, grid, mode='bilinear', align_corners=True)        # (B*g, heads/g, M, Ns)
+    return bias.reshape(batch_groups // groups, heads, query.shape[0], keys.shape[1])
+
+
+class _ChunkedBiasedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v with the deformable position bias, a chunk of queries at a time.
+
+    Forward: each chunk's bias is built (it takes no gradient) and handed to the fused SDPA kernel, which
+    only takes its fast path for a mask that does not require grad. Backward recomputes a chunk's bias and
+    probabilities P and forms the score gradient dS = P * (dO v^T - rowsum(dO * out)) itself; dq, dk, dv
+    follow by matmuls, and the table and key-position gradients by autograd through the chunk's bias. No
+    (queries, keys) tensor outlives its chunk, in either pass.
+
+    q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2).
+    Returns (B, heads, M, d).
+    """
+
+    @staticmethod
+    def _chunks(q: torch.Tensor, k: torch.Tensor):
+        batch, heads, queries, _ = q.shape
+        step = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))
+        return (slice(start, min(queries, start + step)) for start in range(0, queries, step))
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, keys, query, groups, scale):
+        out = torch.empty_like(q)
+        for rows in _ChunkedBiasedAttention._chunks(q, k):
+            bias = _chunk_bias(table, keys, query[rows], groups).to(q.dtype)
+            out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, table, keys, query, out)
+        ctx.groups, ctx.scale = groups, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, table, keys, query, out = ctx.saved_tensors
+        batch, heads, _, dim = q.shape
+        k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
+        grad_table, grad_keys = torch.zeros_like(table), torch.zeros_like(keys)
+        table_leaf, keys_leaf = table.detach().requires_grad_(), keys.detach().requires_grad_()
+        for rows in _ChunkedBiasedAttention._chunks(q, k):
+            with torch.enable_grad():
+                bias = _chunk_bias(table_leaf, keys_leaf, query[rows], ctx.groups)
+            d_q, d_k, d_v, d_bias = attention_backward(
+                q[:, :, rows].flatten(0, 1), k3, v3, bias.detach().flatten(0, 1),
+                out[:, :, rows].flatten(0, 1), grad_out[:, :, rows].flatten(0, 1), ctx.scale)
+            grad_q[:, :, rows] = d_q.view(batch, heads, -1, dim)
+            grad_k += d_k
+            grad_v += d_v
+            d_table, d_keys = torch.autograd.grad(bias, (table_leaf, keys_leaf), d_bias.view(bias.shape))
+            grad_table += d_table
+            grad_keys += d_keys
+        return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table, grad_keys, None, None, None

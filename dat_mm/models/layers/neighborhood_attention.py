@@ -3,6 +3,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
+from .biased_attention import BiasedAttention
+
 
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
     """(length, kernel_size) key positions of each query along one axis.
@@ -18,9 +20,9 @@ def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.
 def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     """One axis cut into query tiles, each with the key region that holds all its windows.
 
-    Returns (queries (T, tile) clamped into the map, keys (T, R), bias index (T, tile, R)), where the bias
-    index is ``key - query + k - 1`` for keys inside the query's window and -1 outside it. The last tile may
-    run past the map; its extra queries read the last row and are cropped away afterwards.
+    Returns (keys (T, R), bias index (T, tile, R)), where the bias index is ``key - query + k - 1`` for keys
+    inside the query's window and -1 outside it. The last tile may run past the map; its extra queries are
+    cropped away afterwards.
     """
     n_tiles = -(-length // tile)
     region = min(tile + kernel_size - 1, length)
@@ -30,7 +32,7 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     window = (queries - kernel_size // 2).clamp(0, length - kernel_size)[:, :, None]
     key = keys[:, None, :]
     inside = (key >= window) & (key < window + kernel_size)
-    return queries.clamp(max=length - 1), keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
+    return keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
 
 
 def _shortfall(length, kernel_size: int):
@@ -100,23 +102,26 @@ class NeighborhoodAttention(nn.Module):
         return torch.einsum('bhijuv,bhijuvd->bhijd', attn, value_n)
 
     def _attend_tiled(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a mask that keeps
-        only the queries' own windows; same result as :meth:`_attend`. (B, heads, Hp, Wp, d) in and out."""
+        """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a bias of -inf
+        outside the queries' own windows; same result as :meth:`_attend`. (B, heads, Hp, Wp, d) in and out."""
         batch, heads, hp, wp, dim = q.shape
         t = self.tile
-        qy, ky, by = _tiles(hp, self.kernel_size, t, q.device)
-        qx, kx, bx = _tiles(wp, self.kernel_size, t, q.device)
-        n_ty, n_tx, ry, rx = qy.shape[0], qx.shape[0], ky.shape[1], kx.shape[1]
-        queries = q[:, :, qy[:, None, :, None], qx[None, :, None, :]]     # (B, heads, Ty, Tx, t, t, d)
-        rows, cols = ky[:, None, :, None], kx[None, :, None, :]
-        keys, values = key[:, :, rows, cols], value[:, :, rows, cols]      # (B, heads, Ty, Tx, Ry, Rx, d)
-        by, bx = by[:, None, :, None, :, None], bx[None, :, None, :, None, :]
-        bias = self.rpb[:, by.clamp(min=0), bx.clamp(min=0)]              # (heads, Ty, Tx, t, t, Ry, Rx)
-        bias = bias.masked_fill((by < 0) | (bx < 0), float('-inf'))
-        tiles = heads * n_ty * n_tx
-        out = F.scaled_dot_product_attention(
-            queries.reshape(batch, tiles, t * t, dim), keys.reshape(batch, tiles, ry * rx, dim),
-            values.reshape(batch, tiles, ry * rx, dim), attn_mask=bias.reshape(tiles, t * t, ry * rx).to(q.dtype),
-            scale=1.0)   # q is already scaled
-        out = out.reshape(batch, heads, n_ty, n_tx, t, t, dim).permute(0, 1, 2, 4, 3, 5, 6)
+        ky, by = _tiles(hp, self.kernel_size, t, q.device)
+        kx, bx = _tiles(wp, self.kernel_size, t, q.device)
+        (n_ty, ry), (n_tx, rx) = ky.shape, kx.shape
+        tiles = batch * heads * n_ty * n_tx
+
+        def regions(x: torch.Tensor) -> torch.Tensor:
+            # Whole rows, then d-vectors, are copied by index_select; far cheaper than one 2-D gather.
+            x = x.index_select(2, ky.flatten()).index_select(3, kx.flatten())
+            return x.view(batch, heads, n_ty, ry, n_tx, rx, dim).transpose(3, 4).reshape(tiles, ry * rx, dim)
+
+        queries = F.pad(q, (0, 0, 0, n_tx * t - wp, 0, n_ty * t - hp))
+        queries = queries.view(batch, heads, n_ty, t, n_tx, t, dim).transpose(3, 4).reshape(tiles, t * t, dim)
+        # Index -1 (outside a query's window) reads the -inf appended to each axis of the table.
+        rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
+        bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Ty, Tx, t, t, Ry, Rx)
+        bias = bias.to(q.dtype).expand(batch, *bias.shape).reshape(tiles, t * t, ry * rx)
+        out = BiasedAttention.apply(queries, regions(key), regions(value), bias, 1.0)   # q is already scaled
+        out = out.view(batch, heads, n_ty, n_tx, t, t, dim).transpose(3, 4)
         return out.reshape(batch, heads, n_ty * t, n_tx * t, dim)[:, :, :hp, :wp]
