@@ -228,8 +228,18 @@ def test_infer_refuses_a_missing_checkpoint(tmp_path):
 def test_benchmark_cuda_mode_is_a_dry_run_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip('a GPU is present: the CUDA mode would measure')
-    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cuda', '--sizes', '1344x800', '--modes', 'fwd'],
-                   ROOT)
+    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cuda', '--sizes', '1344x800', '--modes', 'fwd',
+                    '--dtypes', 'fp32', 'bf16'], ROOT)
     assert 'needs a GPU' in out
-    assert len(re.findall(r'1344x800 fwd +\S', out)) == 5, 'every model listed, nothing measured'
+    assert len(re.findall(r'1344x800 fwd +(fp32|bf16) \S', out)) == 12, 'every model listed, nothing measured'
     assert '| size |' not in out
+
+
+def test_benchmark_gives_ratios_against_swin_in_both_precisions():
+    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cpu', '--sizes', '96x64', '--reps', '1',
+                    '--modes', 'fwd+bwd', '--dtypes', 'fp32', 'bf16', '--models', 'DAT-T++ fast', 'Swin-T'], ROOT)
+    rows = [line.split(' | ') for line in out.splitlines() if line.startswith('| 96x64 ')]
+    assert [(r[2], r[3]) for r in rows] == [('fp32', 'DAT-T++ fast'), ('fp32', 'Swin-T (mmdet)'),
+                                            ('bf16', 'DAT-T++ fast'), ('bf16', 'Swin-T (mmdet)')]
+    for dat in (rows[0], rows[2]):
+        assert re.fullmatch(r'\d+\.\d\dx', dat[6]) and re.fullmatch(r'\d+\.\d\dx', dat[7]), dat

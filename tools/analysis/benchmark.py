@@ -1,11 +1,13 @@
-"""Speed and peak memory of the DAT backbones: fast vs reference attention, next to mmdet's Swin-T.
+"""Speed and peak memory of the DAT backbones: fast vs reference attention, against Swin-T.
 
 Each measurement runs in its own process (batch 1). Peak memory is what the first pass adds on top of the
 model and input (on CUDA torch's peak allocation; on CPU the peak resident set size, reset through
-/proc/self/clear_refs); the time is the median of --reps further passes.
+/proc/self/clear_refs); the time is the median of --reps further passes. Swin-T is mmdet's backbone, or
+timm's where mmdet does not import (a GPU machine with mmcv-lite); the table gives each DAT row's time and
+memory as multiples of Swin-T's at the same size, pass and precision.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
-    python tools/analysis/benchmark.py --sizes 1344x800 --reps 3 --device cuda
+    python tools/analysis/benchmark.py --sizes 1344x800 --dtypes fp32 bf16 --device cuda
         # without a GPU: a dry run that lists what the GPU run would measure
 """
 import argparse
@@ -18,11 +20,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SWIN = 'Swin-T'
 MODELS = {
     'DAT-T fast': dict(arch='tiny'), 'DAT-T ref': dict(arch='tiny', reference_attention=True),
+    # What the v1 detection and segmentation configs build: stage 3 sampled at stride 2.
+    'DAT-T (1,1,2,1) fast': dict(arch='tiny', deform_strides=(1, 1, 2, 1)),
     'DAT-T++ fast': dict(arch='tiny++'), 'DAT-T++ ref': dict(arch='tiny++', reference_attention=True),
-    'Swin-T (mmdet)': None,
+    SWIN: None,
 }
+DTYPES = {'fp32': None, 'bf16': 'bfloat16'}
 
 
 def _rss_mb(field: str) -> float:
@@ -33,13 +39,26 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(field)
 
 
-def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str) -> dict:
+def swin_tiny(height: int, width: int):
+    """(Swin-T backbone, where it comes from)."""
+    try:
+        from mmdet.models.backbones import SwinTransformer
+    except ImportError:
+        import timm
+        return timm.create_model('swin_tiny_patch4_window7_224', features_only=True, img_size=(height, width),
+                                 pretrained=False), 'timm'
+    return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7), 'mmdet'
+
+
+def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str, dtype: str) -> dict:
     """Runs in the child process."""
+    import contextlib
+
     import torch
     sys.path.insert(0, str(ROOT))
+    source = None
     if MODELS[name] is None:
-        from mmdet.models.backbones import SwinTransformer
-        model = SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
+        model, source = swin_tiny(height, width)
     else:
         from dat_mm import DAT
         model = DAT(**MODELS[name])
@@ -47,13 +66,18 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     model.train(backward)   # mmdet's Swin returns None from train(): no chaining
     x = torch.randn(1, 3, height, width, device=device)
     cuda = device.startswith('cuda')
+    low = DTYPES[dtype]
 
     def step():
+        autocast = (torch.autocast(device.split(':')[0], dtype=getattr(torch, low)) if low
+                    else contextlib.nullcontext())
         if backward:
-            sum(f.float().sum() for f in model(x)).backward()
+            with autocast:
+                loss = sum(f.float().sum() for f in model(x))
+            loss.backward()
             model.zero_grad(set_to_none=True)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(x)
         if cuda:
             torch.cuda.synchronize()
@@ -74,11 +98,11 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(times), peak_mb=peak)
+    return dict(seconds=statistics.median(times), peak_mb=peak, source=source)
 
 
-def run_child(name: str, size: tuple, backward: bool, reps: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device])]
+def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device, dtype])]
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -92,50 +116,50 @@ def main() -> int:
     parser.add_argument('--reps', type=int, default=3)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
+    parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES),
+                        help='bf16: under torch.autocast')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        name, h, w, backward, reps, device = json.loads(args.child)
-        print(json.dumps(measure(name, h, w, backward, reps, device)))
+        print(json.dumps(measure(*json.loads(args.child))))
         return 0
 
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    runs = [(size, mode, dtype, name) for size in args.sizes for mode in args.modes for dtype in args.dtypes
+            for name in args.models]
     if device.startswith('cuda') and not torch.cuda.is_available():
         # A dry run: shows on a CPU-only machine what the GPU run will measure, and measures nothing.
         print(f'dry run: --device {device} needs a GPU, and torch {torch.__version__} sees none. On a GPU machine '
               'this would measure:')
-        for size in args.sizes:
-            for mode in args.modes:
-                for name in args.models:
-                    print(f'  {size:>9} {mode:<7} {name}')
+        for size, mode, dtype, name in runs:
+            print(f'  {size:>9} {mode:<7} {dtype} {name}')
         return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}', flush=True)
     results = {}
-    for size in args.sizes:
+    for size, mode, dtype, name in runs:
         w, h = map(int, size.lower().split('x'))
-        for mode in args.modes:
-            for name in args.models:
-                r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device)
-                results[size, mode, name] = r
-                shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
-                print(f'  {size:>9} {mode:<7} {name:<15} {shown}', flush=True)
+        r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype)
+        results[size, mode, dtype, name] = r
+        shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
+        print(f'  {size:>9} {mode:<7} {dtype} {name:<20} {shown}', flush=True)
 
-    print(f"\n| size | pass | model | time (s) | peak memory (MB) | fast vs ref: speed-up | memory ratio |\n"
-          f"| --- | --- | --- | --- | --- | --- | --- |")
-    for (size, mode, name), r in results.items():
+    print('\n| size | pass | precision | model | time (s) | peak memory (MB) | time / Swin-T | memory / Swin-T '
+          '| fast vs ref: speed-up |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    for (size, mode, dtype, name), r in results.items():
         if 'error' in r:
-            print(f'| {size} | {mode} | {name} | {r["error"]} | | | |')
+            print(f'| {size} | {mode} | {dtype} | {name} | {r["error"]} | | | | |')
             continue
-        ratio = ''
-        ref = results.get((size, mode, name.replace('fast', 'ref')))
-        if name.endswith('fast') and ref and 'error' not in ref:
-            ratio = f"{ref['seconds'] / r['seconds']:.2f}x | {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f}"
-        else:
-            ratio = ' | '
-        print(f"| {size} | {mode} | {name} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {ratio} |")
+        swin = results.get((size, mode, dtype, SWIN), {})
+        vs_swin = (f"{r['seconds'] / swin['seconds']:.2f}x | {r['peak_mb'] / max(swin['peak_mb'], 1e-9):.2f}x"
+                   if 'seconds' in swin and name != SWIN else ' | ')
+        ref = results.get((size, mode, dtype, name.replace('fast', 'ref')), {})
+        speedup = f"{ref['seconds'] / r['seconds']:.2f}x" if name.endswith('fast') and 'seconds' in ref else ''
+        label = f"{name} ({r['source']})" if r.get('source') else name
+        print(f"| {size} | {mode} | {dtype} | {label} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {vs_swin} "
+              f"| {speedup} |")
     return 0
 
 
