@@ -128,16 +128,11 @@ class DeformableAttention(nn.Module):
         out = self.proj_out(out.reshape(batch, channels, height, width))
         return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
 
-    def _table(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B*g, heads/g, 2h0-1, 2w0-1) bias table of each offset group, for ``groups`` = B*g."""
-        table = self.rpe_table.to(dtype).expand(groups // self.groups, -1, -1, -1)
-        return table.reshape(groups, self.num_heads // self.groups, *self.rpe_table.shape[1:])
-
     def _bias(self, query: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(B*heads, M, Ns) bias of M query positions (M, 2) towards the keys at pos (B*g, Ns, 2)."""
         displacement = (query[None, :, None] - pos[:, None]) * 0.5                 # (B*g, M, Ns, 2)
-        bias = F.grid_sample(self._table(pos.shape[0], pos.dtype), displacement.flip(-1), mode='bilinear',
-                             align_corners=True)
+        bias = F.grid_sample(_group_tables(self.rpe_table.to(pos.dtype), pos.shape[0], self.groups),
+                             displacement.flip(-1), mode='bilinear', align_corners=True)
         return bias.reshape(-1, query.shape[0], pos.shape[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
@@ -168,29 +163,24 @@ class DeformableAttention(nn.Module):
         return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
 
 
-def _chunk_bias(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, heads, M, Ns) bias of M queries. table: (heads, Th, Tw); keys: (B*g, Ns, 2), query: (M, 2), both
-    (x, y) and halved, so that their difference is grid_sample's grid."""
-    batch_groups, heads = keys.shape[0], table.shape[0]
-    grid = query[None, :, None] - keys[:, None]                                    # (B*g, M, Ns, 2)
-    table = table.to(keys.dtype).reshape(groups, heads // groups, *table.shape[1:])
-    table = table.expand(batch_groups // groups, -1, -1, -1, -1).reshape(batch_groups, heads // groups,
-                                                                       *table.shape[2:])
-    bias = F.grid_sample(table, grid, mode='bilinear', align_corners=True)        # (B*g, heads/g, M, Ns)
-    return bias.reshape(batch_groups // groups, heads, query.shape[0], keys.shape[1])
+def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.Tensor:
+    """(B*g, heads/g, Th, Tw): the bias tables (heads, Th, Tw) of each offset group, for ``batch_groups``
+    = B*g, as grid_sample takes them."""
+    table = table.reshape(groups, -1, *table.shape[1:]).expand(batch_groups // groups, -1, -1, -1, -1)
+    return table.reshape(batch_groups, -1, *table.shape[3:])
 
 
 class _ChunkedBiasedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with the deformable position bias, a chunk of queries at a time.
 
     Forward: each chunk's bias is built (it takes no gradient) and handed to the fused SDPA kernel, which
-    only takes its fast path for a mask that does not require grad. Backward recomputes a chunk's bias and
-    probabilities P and forms the score gradient dS = P * (dO v^T - rowsum(dO * out)) itself; dq, dk, dv
-    follow by matmuls, and the table and key-position gradients by autograd through the chunk's bias. No
-    (queries, keys) tensor outlives its chunk, in either pass.
+    only takes its fast path for a mask that does not require grad. Backward recomputes a chunk's bias,
+    gets dq, dk, dv and the bias gradient from :func:`.biased_attention.attention_backward`, and the table
+    and key-position gradients from grid_sample's backward kernel. No (queries, keys) tensor outlives its
+    chunk, in either pass.
 
-    q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2).
-    Returns (B, heads, M, d).
+    q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
+    keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
     """
 
     @staticmethod
@@ -202,9 +192,13 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, keys, query, groups, scale):
         out = torch.empty_like(q)
+        tables = _group_tables(table.to(keys.dtype), keys.shape[0], groups)
         for rows in _ChunkedBiasedAttention._chunks(q, k):
-            bias = _chunk_bias(table, keys, query[rows], groups).to(q.dtype)
-            out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias, scale=scale)
+            grid = query[None, rows, None] - keys[:, None]                       # (B*g, M, Ns, 2)
+            bias = F.grid_sample(tables, grid, mode='bilinear', align_corners=True).view(
+                q.shape[0], q.shape[1], grid.shape[1], grid.shape[2])
+            out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias.to(q.dtype),
+                                                             scale=scale)
         ctx.save_for_backward(q, k, v, table, keys, query, out)
         ctx.groups, ctx.scale = groups, scale
         return out
@@ -217,18 +211,21 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
         grad_q = torch.empty_like(q)
         grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
-        grad_table, grad_keys = torch.zeros_like(table), torch.zeros_like(keys)
-        table_leaf, keys_leaf = table.detach().requires_grad_(), keys.detach().requires_grad_()
+        tables = _group_tables(table.to(keys.dtype), keys.shape[0], ctx.groups).contiguous()
+        grad_tables, grad_keys = torch.zeros_like(tables), torch.zeros_like(keys)
         for rows in _ChunkedBiasedAttention._chunks(q, k):
-            with torch.enable_grad():
-                bias = _chunk_bias(table_leaf, keys_leaf, query[rows], ctx.groups)
+            grid = query[None, rows, None] - keys[:, None]
+            bias = F.grid_sample(tables, grid, mode='bilinear', align_corners=True)
             d_q, d_k, d_v, d_bias = attention_backward(
-                q[:, :, rows].flatten(0, 1), k3, v3, bias.detach().flatten(0, 1),
+                q[:, :, rows].flatten(0, 1), k3, v3, bias.view(batch * heads, *bias.shape[2:]),
                 out[:, :, rows].flatten(0, 1), grad_out[:, :, rows].flatten(0, 1), ctx.scale)
             grad_q[:, :, rows] = d_q.view(batch, heads, -1, dim)
             grad_k += d_k
             grad_v += d_v
-            d_table, d_keys = torch.autograd.grad(bias, (table_leaf, keys_leaf), d_bias.view(bias.shape))
-            grad_table += d_table
-            grad_keys += d_keys
+            # Called directly: autograd through the grid would add a pass to negate and sum its gradient.
+            d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(
+                d_bias.view(bias.shape), tables, grid, 0, 0, True, [True, True])
+            grad_tables += d_tables
+            grad_keys -= d_grid.sum(1)
+        grad_table = grad_tables.view(batch, *table.shape).sum(0).to(table.dtype)
         return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table, grad_keys, None, None, None

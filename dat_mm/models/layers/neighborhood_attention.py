@@ -35,6 +35,13 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     return keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
 
 
+def _kinds(bias_index: torch.Tensor):
+    """The distinct bias patterns among one axis' tiles (T, tile, R): all interior tiles share one, the
+    border tiles add two or three. Returns (patterns (U, tile, R), each tile's pattern (T,))."""
+    patterns, kind = torch.unique(bias_index.flatten(1), dim=0, return_inverse=True)
+    return patterns.view(-1, *bias_index.shape[1:]), kind
+
+
 def _shortfall(length, kernel_size: int):
     """max(0, kernel_size - length). Under an ONNX trace ``length`` is a 0-d tensor, and Python's max would
     freeze the branch taken at the export size; the clamp keeps the padding a function of the input."""
@@ -109,6 +116,7 @@ class NeighborhoodAttention(nn.Module):
         ky, by = _tiles(hp, self.kernel_size, t, q.device)
         kx, bx = _tiles(wp, self.kernel_size, t, q.device)
         (n_ty, ry), (n_tx, rx) = ky.shape, kx.shape
+        (by, kind_y), (bx, kind_x) = _kinds(by), _kinds(bx)
         tiles = batch * heads * n_ty * n_tx
 
         def regions(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +126,13 @@ class NeighborhoodAttention(nn.Module):
 
         queries = F.pad(q, (0, 0, 0, n_tx * t - wp, 0, n_ty * t - hp))
         queries = queries.view(batch, heads, n_ty, t, n_tx, t, dim).transpose(3, 4).reshape(tiles, t * t, dim)
-        # Index -1 (outside a query's window) reads the -inf appended to each axis of the table.
+        # The bias is gathered from the table once per pair of tile kinds, then copied tile by tile (an
+        # element-wise gather of every tile's bias cost more than the attention). Index -1, outside a
+        # query's window, reads the -inf appended to each axis of the table.
         rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
-        bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Ty, Tx, t, t, Ry, Rx)
-        bias = bias.to(q.dtype).expand(batch, *bias.shape).reshape(tiles, t * t, ry * rx)
+        bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Uy, Ux, t, t, Ry, Rx)
+        bias = bias.to(q.dtype).index_select(1, kind_y).index_select(2, kind_x)      # (heads, Ty, Tx, ...)
+        bias = bias.expand(batch, *bias.shape).reshape(tiles, t * t, ry * rx)
         out = BiasedAttention.apply(queries, regions(key), regions(value), bias, 1.0)   # q is already scaled
         out = out.view(batch, heads, n_ty, n_tx, t, t, dim).transpose(3, 4)
         return out.reshape(batch, heads, n_ty * t, n_tx * t, dim)[:, :, :hp, :wp]
