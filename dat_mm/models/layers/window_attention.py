@@ -52,10 +52,11 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
         windows = x.reshape(batch, hp // w, w, wp // w, w, channels).transpose(2, 3).reshape(-1, w * w, channels)
         qkv = self.proj_qkv(windows).reshape(windows.shape[0], w * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+        # 4-D, as the fused SDPA kernel takes a mask; it runs where the mask needs no gradient (inference).
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]
         if self.shift:
             mask = self._shift_mask(hp, wp, x.device).to(bias.dtype)
-            bias = (bias[None] + mask[:, None]).repeat(batch, 1, 1, 1)
+            bias = (bias + mask[:, None]).repeat(batch, 1, 1, 1)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(qkv.dtype))
         out = self.proj_out(out.transpose(1, 2).reshape(-1, w * w, channels))
         out = out.reshape(batch, hp // w, wp // w, w, w, channels).transpose(2, 3).reshape(batch, hp, wp, channels)
