@@ -196,31 +196,53 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
 
     Forward: each chunk's bias is built (it takes no gradient) and handed to the fused SDPA kernel, which
     only takes its fast path for a mask that does not require grad (a mask that does sends every call to
-    the math path, measured 3x slower on CPU, with a safe-softmax that adds four passes over the scores). Backward recomputes a chunk's bias,
-    gets dq, dk, dv and the bias gradient from :func:`attention_backward`, and the table
-    and key-position gradients from grid_sample's backward kernel. No (queries, keys) tensor outlives its
-    chunk, in either pass.
+    the math path, measured 3x slower on CPU, with a safe-softmax that adds four passes over the scores).
+    Backward recomputes a chunk's bias, gets dq, dk, dv and the bias gradient from
+    :func:`attention_backward`, and the table and key-position gradients from grid_sample's backward
+    kernel. No (queries, keys) tensor outlives its chunk, in either pass.
+
+    grid_sample's CPU kernels share out work by batch entry, here one per offset group and image: with one
+    group and one image (DAT++ stage 1 at batch 1) they ran on one core, 2.7x and 1.8x slower than split
+    over two. So a chunk's queries are cut into ``parts`` batch entries, enough to occupy every thread.
 
     q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
     keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
     """
 
     @staticmethod
-    def _chunks(q: torch.Tensor, k: torch.Tensor):
+    def _chunks(q: torch.Tensor, k: torch.Tensor, batch_groups: int):
+        """(queries, parts): slices of the queries, each cut into ``parts`` equal spans."""
         batch, heads, queries, _ = q.shape
-        step = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))
-        return (slice(start, min(queries, start + step)) for start in range(0, queries, step))
+        want = max(1, -(-torch.get_num_threads() // batch_groups))
+        step = max(want, CHUNK_ELEMENTS // (batch * heads * k.shape[2]) // want * want)
+        for start in range(0, queries, step):
+            stop = min(queries, start + step)
+            parts = max(p for p in range(1, want + 1) if (stop - start) % p == 0)
+            yield slice(start, stop), parts
+
+    @staticmethod
+    def _bias(tables: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, parts: int):
+        """The chunk's grid (B*g*parts, M/parts, Ns, 2), tables (B*g*parts, heads/g, Th, Tw) and bias
+        (B*g*parts, heads/g, M/parts, Ns)."""
+        grid = (query[None, :, None] - keys[:, None]).view(keys.shape[0] * parts, -1, keys.shape[1], 2)
+        tables = tables[:, None].expand(-1, parts, -1, -1, -1).reshape(-1, *tables.shape[1:])
+        return grid, tables, F.grid_sample(tables, grid, mode='bilinear', align_corners=True)
 
     @staticmethod
     def forward(ctx, q, k, v, table, keys, query, groups, scale):
+        batch_groups, dim = keys.shape[0], q.shape[-1]
         out = torch.empty_like(q)
-        tables = _group_tables(table.to(keys.dtype), keys.shape[0], groups)
-        for rows in _ChunkedBiasedAttention._chunks(q, k):
-            grid = query[None, rows, None] - keys[:, None]                       # (B*g, M, Ns, 2)
-            bias = F.grid_sample(tables, grid, mode='bilinear', align_corners=True).view(
-                q.shape[0], q.shape[1], grid.shape[1], grid.shape[2])
-            out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias.to(q.dtype),
-                                                             scale=scale)
+        # Heads as (offset group, head in group), so that a batch entry of grid_sample's is one of SDPA's.
+        q4, k4, v4, out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v, out))
+        tables = _group_tables(table.to(keys.dtype), batch_groups, groups)
+        for queries, parts in _ChunkedBiasedAttention._chunks(q, k, batch_groups):
+            _, _, bias = _ChunkedBiasedAttention._bias(tables, keys, query[queries], parts)
+            bias = bias.view(batch_groups, parts, *bias.shape[1:]).to(q.dtype)
+            span = bias.shape[3]
+            for part in range(parts):
+                rows = slice(queries.start + part * span, queries.start + (part + 1) * span)
+                out4[:, :, rows] = F.scaled_dot_product_attention(q4[:, :, rows], k4, v4, attn_mask=bias[:, part],
+                                                                  scale=scale)
         ctx.save_for_backward(q, k, v, table, keys, query, out)
         ctx.groups, ctx.scale = groups, scale
         return out
@@ -229,25 +251,32 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, table, keys, query, out = ctx.saved_tensors
-        batch, heads, _, dim = q.shape
+        batch_groups, num_keys, dim = keys.shape[0], keys.shape[1], q.shape[-1]
         k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
         grad_q = torch.empty_like(q)
+        q4, out4, grad_out4, grad_q4 = (t.view(batch_groups, -1, t.shape[2], dim)
+                                        for t in (q, out, grad_out, grad_q))
         grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
-        tables = _group_tables(table.to(keys.dtype), keys.shape[0], ctx.groups).contiguous()
+        tables = _group_tables(table.to(keys.dtype), batch_groups, ctx.groups)
         grad_tables, grad_keys = torch.zeros_like(tables), torch.zeros_like(keys)
-        for rows in _ChunkedBiasedAttention._chunks(q, k):
-            grid = query[None, rows, None] - keys[:, None]
-            bias = F.grid_sample(tables, grid, mode='bilinear', align_corners=True)
-            d_q, d_k, d_v, d_bias = attention_backward(
-                q[:, :, rows].flatten(0, 1), k3, v3, bias.view(batch * heads, *bias.shape[2:]),
-                out[:, :, rows].flatten(0, 1), grad_out[:, :, rows].flatten(0, 1), ctx.scale)
-            grad_q[:, :, rows] = d_q.view(batch, heads, -1, dim)
-            grad_k += d_k
-            grad_v += d_v
+        for queries, parts in _ChunkedBiasedAttention._chunks(q, k, batch_groups):
+            grid, part_tables, bias = _ChunkedBiasedAttention._bias(tables, keys, query[queries], parts)
+            bias = bias.view(batch_groups, parts, *bias.shape[1:])
+            span = bias.shape[3]
+            grad_bias = torch.empty_like(bias)
+            for part in range(parts):
+                rows = slice(queries.start + part * span, queries.start + (part + 1) * span)
+                d_q, d_k, d_v, d_bias = attention_backward(
+                    q4[:, :, rows].flatten(0, 1), k3, v3, bias[:, part].flatten(0, 1),
+                    out4[:, :, rows].flatten(0, 1), grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
+                grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
+                grad_bias[:, part] = d_bias.view_as(grad_bias[:, part])
+                grad_k += d_k
+                grad_v += d_v
             # Called directly: autograd through the grid would add a pass to negate and sum its gradient.
             d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(
-                d_bias.view(bias.shape), tables, grid, 0, 0, True, [True, True])
-            grad_tables += d_tables
-            grad_keys -= d_grid.sum(1)
-        grad_table = grad_tables.view(batch, *table.shape).sum(0).to(table.dtype)
+                grad_bias.flatten(0, 1), part_tables, grid, 0, 0, True, [True, True])
+            grad_tables += d_tables.view(batch_groups, parts, *tables.shape[1:]).sum(1)
+            grad_keys -= d_grid.view(batch_groups, -1, num_keys, 2).sum(1)
+        grad_table = grad_tables.view(-1, *table.shape).sum(0).to(table.dtype)
         return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table, grad_keys, None, None, None
