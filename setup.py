@@ -17,9 +17,11 @@ class BuildWithMimFiles(build_py):
     path (``python tools/train.py configs/...``, ``mim train mmdet configs/...``)."""
 
     def run(self) -> None:
+        # pip builds in the checkout's build/, and setuptools only ever adds to it: without this, a module
+        # deleted from dat_mm/ would still ship in every wheel built from that checkout.
+        shutil.rmtree(Path(self.build_lib) / 'dat_mm', ignore_errors=True)
         super().run()
         target = Path(self.build_lib) / 'dat_mm' / '.mim'
-        shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         for name in MIM_FILES:
             source = ROOT / name

@@ -42,6 +42,21 @@ def wheel(site) -> Path:
     return wheel
 
 
+def test_a_module_deleted_from_the_source_leaves_the_wheel(tmp_path):
+    stale = ROOT / 'build' / 'lib' / 'dat_mm' / 'deleted_module.py'   # as an earlier build would leave it
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('')
+    try:
+        subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation',
+                        '-w', str(tmp_path), str(ROOT)], check=True, cwd=tmp_path, env=tool_env())
+    finally:
+        stale.unlink(missing_ok=True)
+    wheel, = tmp_path.glob('dat_mm-*.whl')
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist()
+               if n.startswith('dat_mm/') and n.endswith('.py') and '/.mim/' not in n}
+    assert shipped == {p.relative_to(ROOT).as_posix() for p in (ROOT / 'dat_mm').rglob('*.py')}
+
+
 def run_mim(args, cwd: Path, site: Path) -> str:
     """``mim ARGS`` with the installed wheel ahead of the editable checkout on the path."""
     return run_tool(['-m', 'mim', *args], cwd, PYTHONPATH=str(site))
