@@ -21,15 +21,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
 
 
+def config_scope(cfg: Config) -> str:
+    """'mmdet' or 'mmseg', the config's ``default_scope``; anything else stops the tool with a clear error."""
+    scope = cfg.get('default_scope')
+    if scope not in ('mmdet', 'mmseg'):
+        raise SystemExit(f"{cfg.filename}: default_scope is {scope!r}; expected an mmdet or mmseg config")
+    return scope
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """The config with command-line overrides, launcher and work dir applied; the library registered."""
     if not osp.isfile(args.config):
         raise SystemExit(f'Config file not found: {args.config}')
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
-    scope = cfg.get('default_scope')
-    if scope not in ('mmdet', 'mmseg'):
-        raise SystemExit(f"{args.config}: default_scope is {scope!r}; expected an mmdet or mmseg config")
+    scope = config_scope(cfg)
     # Registers every mmdet / mmseg module so that Runner.from_cfg finds datasets, metrics and hooks.
     __import__(f'{scope}.utils', fromlist=['register_all_modules']).register_all_modules(init_default_scope=False)
     import dat_mm  # noqa: F401  (backbone registry and safe checkpoint loading, whatever the config imports)
@@ -101,9 +107,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
     import dat_mm  # noqa: F401  (registers the backbone)
-    scope = cfg.get('default_scope')
-    if scope not in ('mmdet', 'mmseg'):
-        raise SystemExit(f"default_scope is {scope!r}; expected an mmdet or mmseg config")
+    scope = config_scope(cfg)
     cfg = copy.deepcopy(cfg)
     skip_backbone_init(cfg)
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS

@@ -110,6 +110,17 @@ def test_converter_refuses_pickled_objects(tmp_path):
         read_checkpoint(str(path))
 
 
+@pytest.mark.parametrize('entry', ['build_model', 'infer'])
+def test_a_config_of_another_codebase_is_refused_by_name(tmp_path, entry):
+    config = tmp_path / 'classifier.py'
+    config.write_text("default_scope = 'mmpretrain'\nmodel = dict(type='ImageClassifier')\n")
+    from mmengine.config import Config
+    from dat_mm.runner import build_model
+    from infer import build_inferencer
+    with pytest.raises(SystemExit, match=r"classifier\.py: default_scope is 'mmpretrain'; expected an mmdet or mmseg"):
+        build_model(Config.fromfile(config)) if entry == 'build_model' else build_inferencer(str(config))
+
+
 def test_points_map_to_the_pixels_the_features_cover():
     from dat_mm.visualization import points_to_pixels
     # A 4-pixel-wide feature map at stride 8 over 32 image pixels: -1 and 1 are the centres of its first and

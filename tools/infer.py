@@ -18,18 +18,15 @@ def build_inferencer(config: str, checkpoint: str = None, device: str = 'cpu', s
     """A callable ``(inputs, out_dir)`` over the inferencer of the config's scope."""
     from mmengine.config import Config
     import dat_mm  # noqa: F401  (registers the backbone; safe checkpoint loading)
-    from dat_mm.runner import skip_backbone_init
+    from dat_mm.runner import config_scope, skip_backbone_init
     cfg = Config.fromfile(config)
     skip_backbone_init(cfg)
-    scope = cfg.get('default_scope')
-    if scope == 'mmdet':
+    if config_scope(cfg) == 'mmdet':
         from mmdet.apis import DetInferencer
         inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device, show_progress=False)
         return functools.partial(inferencer, pred_score_thr=score_thr)
-    if scope == 'mmseg':
-        from mmseg.apis import MMSegInferencer
-        return MMSegInferencer(model=cfg, weights=checkpoint, device=device)
-    raise SystemExit(f"{config}: default_scope is {scope!r}; expected an mmdet or mmseg config")
+    from mmseg.apis import MMSegInferencer
+    return MMSegInferencer(model=cfg, weights=checkpoint, device=device)
 
 
 def main() -> None:
