@@ -105,6 +105,7 @@ def test_wheel_carries_model_index_configs_and_tools(site, wheel):
     assert not [name for name in names if '__pycache__' in name]
     assert all(name.startswith(('dat_mm/', 'dat_mm-0.1.0.dist-info/')) for name in names), 'nothing else installed'
     assert 'dat_mm/.mim/model-index.yml' in names
+    assert 'dat_mm/models/layers/deformable_bias.cpp' in names, 'the CPU kernels are compiled from the wheel'
 
 
 def test_mim_search_lists_every_model(site, tmp_path):

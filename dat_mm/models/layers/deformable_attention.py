@@ -1,7 +1,13 @@
+import functools
+import hashlib
+import platform
+import warnings
+from pathlib import Path
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from torch import nn
 
 from .norm import LayerNorm2d
@@ -191,6 +197,112 @@ def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.
     return table.reshape(batch_groups, -1, *table.shape[3:])
 
 
+def _cpu_flags() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith('flags')), '')
+    except OSError:
+        return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernels():
+    """The table-lookup kernels of deformable_bias.cpp, compiled on first use (about 40 s, once per machine
+    and torch version; torch keeps the build under ``TORCH_EXTENSIONS_DIR``). None where they cannot be
+    built, with a warning: the grid_sample lookup does the same, slower."""
+    from torch.utils import cpp_extension
+    # -march=native: the build is named after the CPU's features, so that a home directory shared by
+    # different machines never hands one of them another's instructions.
+    name = 'dat_mm_deformable_bias_' + hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]
+    source = Path(__file__).with_name('deformable_bias.cpp')
+    try:
+        built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f'{name}*.so'))
+    except Exception:   # a private helper of torch's, used only to announce a build
+        built = False
+    if not built:
+        print_log('dat_mm: compiling the deformable-attention CPU kernels (once per machine, about a minute)',
+                  logger='current')
+    try:
+        return cpp_extension.load(name, [str(source)], extra_cflags=['-O3', '-march=native', '-fno-trapping-math',
+                                                                     '-fopenmp'], extra_ldflags=['-fopenmp'])
+    except Exception as err:   # no compiler, no ninja, an unsupported platform: all leave the slow lookup
+        warnings.warn(f'dat_mm: the deformable-attention CPU kernels could not be built, so the position bias '
+                      f'falls back to grid_sample (about 3x slower in training): {err}')
+        return None
+
+
+class _KernelLookup:
+    """Bias-table reads of one layer call through the CPU kernels of deformable_bias.cpp, which compute
+    each read point from its query and key and never materialise the (queries, keys, 2) grid.
+
+    table: (heads, Th, Tw); keys: (B*g, Ns, 2) and query: (M, 2), (x, y), halved (see
+    :class:`_ChunkedBiasedAttention`). ``bias(rows)`` is (B*g, heads/g, len(rows), Ns) in the coordinates'
+    dtype; ``add_gradient(rows, grad)`` takes a gradient of that shape, ``gradients()`` returns the table's
+    and the keys' summed over all calls.
+    """
+
+    def __init__(self, kernels, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
+        self.kernels, self.table_shape = kernels, table.shape
+        th, tw = table.shape[1:]
+        self.query = query.t().contiguous()           # (2, M)
+        self.keys = keys.permute(2, 0, 1).contiguous()   # (2, B*g, Ns)
+        self.table = F.pad(table.to(keys.dtype), (1, 1, 1, 1)).view(groups, -1, th + 2, tw + 2)
+        self.buffer = keys.new_empty(0)
+        self.grad_table = self.grad_keys = 0
+
+    def bias(self, rows: slice) -> torch.Tensor:
+        size = self.keys.shape[1] * self.table.shape[1] * (rows.stop - rows.start) * self.keys.shape[2]
+        if self.buffer.numel() < size:   # the first chunk, which is the largest
+            self.buffer = self.keys.new_empty(size)
+        return self.kernels.bias(self.table, self.query[0, rows], self.query[1, rows], self.keys[0], self.keys[1],
+                                 self.buffer)
+
+    def add_gradient(self, rows: slice, grad: torch.Tensor) -> None:
+        grad_table, grad_keys = self.kernels.bias_backward(self.table, self.query[0, rows], self.query[1, rows],
+                                                           self.keys[0], self.keys[1], grad)
+        self.grad_table = self.grad_table + grad_table
+        self.grad_keys = self.grad_keys + grad_keys
+
+    def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        th, tw = self.table_shape[1:]
+        grad_table = self.grad_table[..., 1:-1, 1:-1].reshape(self.table_shape)
+        # From the gradient of the cell index (grid + 1) / 2 * (n - 1), with grid = query - key.
+        return grad_table, self.grad_keys.transpose(1, 2) * self.keys.new_tensor([(1 - tw) / 2, (1 - th) / 2])
+
+
+class _GridSampleLookup:
+    """The same reads through grid_sample on each chunk's (B*g, M, Ns, 2) grid: the path on CUDA, whose
+    grid_sample kernels are fast, and on CPU where the kernels cannot be built."""
+
+    def __init__(self, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
+        self.table_shape, self.keys, self.query = table.shape, keys, query
+        self.tables = _group_tables(table.to(keys.dtype), keys.shape[0], groups)
+        self.grad_tables, self.grad_keys = torch.zeros_like(self.tables), torch.zeros_like(keys)
+
+    def _grid(self, rows: slice) -> torch.Tensor:
+        return self.query[None, rows, None] - self.keys[:, None]
+
+    def bias(self, rows: slice) -> torch.Tensor:
+        return F.grid_sample(self.tables, self._grid(rows), mode='bilinear', align_corners=True)
+
+    def add_gradient(self, rows: slice, grad: torch.Tensor) -> None:
+        # Called directly: autograd through the grid would add a pass to negate and sum its gradient.
+        d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(grad, self.tables, self._grid(rows), 0, 0, True,
+                                                                   [True, True])
+        self.grad_tables += d_tables
+        self.grad_keys -= d_grid.sum(1)
+
+    def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_keys
+
+
+def _lookup(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
+    kernels = None if keys.is_cuda else _cpu_kernels()
+    if kernels is None:
+        return _GridSampleLookup(table, keys, query, groups)
+    return _KernelLookup(kernels, table, keys, query, groups)
+
+
 class _ChunkedBiasedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with the deformable position bias, a chunk of queries at a time.
 
@@ -198,51 +310,29 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     only takes its fast path for a mask that does not require grad (a mask that does sends every call to
     the math path, measured 3x slower on CPU, with a safe-softmax that adds four passes over the scores).
     Backward recomputes a chunk's bias, gets dq, dk, dv and the bias gradient from
-    :func:`attention_backward`, and the table and key-position gradients from grid_sample's backward
-    kernel. No (queries, keys) tensor outlives its chunk, in either pass.
-
-    grid_sample's CPU kernels share out work by batch entry, here one per offset group and image: with one
-    group and one image (DAT++ stage 1 at batch 1) they ran on one core, 2.7x and 1.8x slower than split
-    over two. So on CPU a chunk's queries are cut into ``parts`` batch entries, enough to occupy every thread.
+    :func:`attention_backward`, and the table and key-position gradients from the lookup's backward. No
+    (queries, keys) tensor outlives its chunk, in either pass.
 
     q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
     keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
+    Heads are viewed as (offset group, head in group), so that the lookup's batch entries are SDPA's.
     """
 
     @staticmethod
-    def _chunks(q: torch.Tensor, k: torch.Tensor, batch_groups: int):
-        """(queries, parts): slices of the queries, each cut into ``parts`` equal spans."""
+    def _chunks(q: torch.Tensor, k: torch.Tensor):
         batch, heads, queries, _ = q.shape
-        want = 1 if q.is_cuda else max(1, -(-torch.get_num_threads() // batch_groups))
-        step = max(want, CHUNK_ELEMENTS // (batch * heads * k.shape[2]) // want * want)
-        for start in range(0, queries, step):
-            stop = min(queries, start + step)
-            parts = max(p for p in range(1, want + 1) if (stop - start) % p == 0)
-            yield slice(start, stop), parts
-
-    @staticmethod
-    def _bias(tables: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, parts: int):
-        """The chunk's grid (B*g*parts, M/parts, Ns, 2), tables (B*g*parts, heads/g, Th, Tw) and bias
-        (B*g*parts, heads/g, M/parts, Ns)."""
-        grid = (query[None, :, None] - keys[:, None]).view(keys.shape[0] * parts, -1, keys.shape[1], 2)
-        tables = tables[:, None].expand(-1, parts, -1, -1, -1).reshape(-1, *tables.shape[1:])
-        return grid, tables, F.grid_sample(tables, grid, mode='bilinear', align_corners=True)
+        step = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))
+        return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 
     @staticmethod
     def forward(ctx, q, k, v, table, keys, query, groups, scale):
         batch_groups, dim = keys.shape[0], q.shape[-1]
         out = torch.empty_like(q)
-        # Heads as (offset group, head in group), so that a batch entry of grid_sample's is one of SDPA's.
         q4, k4, v4, out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v, out))
-        tables = _group_tables(table.to(keys.dtype), batch_groups, groups)
-        for queries, parts in _ChunkedBiasedAttention._chunks(q, k, batch_groups):
-            _, _, bias = _ChunkedBiasedAttention._bias(tables, keys, query[queries], parts)
-            bias = bias.view(batch_groups, parts, *bias.shape[1:]).to(q.dtype)
-            span = bias.shape[3]
-            for part in range(parts):
-                rows = slice(queries.start + part * span, queries.start + (part + 1) * span)
-                out4[:, :, rows] = F.scaled_dot_product_attention(q4[:, :, rows], k4, v4, attn_mask=bias[:, part],
-                                                                  scale=scale)
+        lookup = _lookup(table, keys, query, groups)
+        for rows in _ChunkedBiasedAttention._chunks(q, k):
+            out4[:, :, rows] = F.scaled_dot_product_attention(q4[:, :, rows], k4, v4,
+                                                              attn_mask=lookup.bias(rows).to(q.dtype), scale=scale)
         ctx.save_for_backward(q, k, v, table, keys, query, out)
         ctx.groups, ctx.scale = groups, scale
         return out
@@ -251,32 +341,22 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, table, keys, query, out = ctx.saved_tensors
-        batch_groups, num_keys, dim = keys.shape[0], keys.shape[1], q.shape[-1]
+        batch_groups, dim = keys.shape[0], q.shape[-1]
         k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
         grad_q = torch.empty_like(q)
         q4, out4, grad_out4, grad_q4 = (t.view(batch_groups, -1, t.shape[2], dim)
                                         for t in (q, out, grad_out, grad_q))
         grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
-        tables = _group_tables(table.to(keys.dtype), batch_groups, ctx.groups)
-        grad_tables, grad_keys = torch.zeros_like(tables), torch.zeros_like(keys)
-        for queries, parts in _ChunkedBiasedAttention._chunks(q, k, batch_groups):
-            grid, part_tables, bias = _ChunkedBiasedAttention._bias(tables, keys, query[queries], parts)
-            bias = bias.view(batch_groups, parts, *bias.shape[1:])
-            span = bias.shape[3]
-            grad_bias = torch.empty_like(bias)
-            for part in range(parts):
-                rows = slice(queries.start + part * span, queries.start + (part + 1) * span)
-                d_q, d_k, d_v, d_bias = attention_backward(
-                    q4[:, :, rows].flatten(0, 1), k3, v3, bias[:, part].flatten(0, 1),
-                    out4[:, :, rows].flatten(0, 1), grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
-                grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
-                grad_bias[:, part] = d_bias.view_as(grad_bias[:, part])
-                grad_k += d_k
-                grad_v += d_v
-            # Called directly: autograd through the grid would add a pass to negate and sum its gradient.
-            d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(
-                grad_bias.flatten(0, 1), part_tables, grid, 0, 0, True, [True, True])
-            grad_tables += d_tables.view(batch_groups, parts, *tables.shape[1:]).sum(1)
-            grad_keys -= d_grid.view(batch_groups, -1, num_keys, 2).sum(1)
-        grad_table = grad_tables.view(-1, *table.shape).sum(0).to(table.dtype)
-        return grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table, grad_keys, None, None, None
+        lookup = _lookup(table, keys, query, ctx.groups)
+        for rows in _ChunkedBiasedAttention._chunks(q, k):
+            bias = lookup.bias(rows)
+            d_q, d_k, d_v, d_bias = attention_backward(
+                q4[:, :, rows].flatten(0, 1), k3, v3, bias.flatten(0, 1), out4[:, :, rows].flatten(0, 1),
+                grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
+            grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
+            grad_k += d_k
+            grad_v += d_v
+            lookup.add_gradient(rows, d_bias.view_as(bias))
+        grad_table, grad_keys = lookup.gradients()
+        return (grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table.to(table.dtype), grad_keys,
+                None, None, None)

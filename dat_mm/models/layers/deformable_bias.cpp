@@ -1,0 +1,197 @@
+// CPU kernels for the deformable attention's relative position bias: bilinear reads of the bias table at
+// every (query, key) displacement, and their gradient. They replace grid_sample on a materialised
+// (queries, keys, 2) grid, whose writing and reading cost more than the lookup itself.
+//
+// Query m reads key n's bias at grid_sample's grid point (qx[m] - kx[n], qy[m] - ky[n]), in [-1, 1] over
+// the table, with align_corners=True; the cell index is computed in grid_sample's own order of operations,
+// so that both paths place a point on the same side of a cell border (where the gradient jumps). The table arrives padded
+// with one cell of zeros on each side, so that grid_sample's zero padding needs no test per corner: a point
+// with any corner outside the padded table lies wholly outside the table (all four corners zero) and is
+// moved to the padding's top-left cell with zero fractions.
+//
+// Built by deformable_attention.py on first use, with -march=native -fno-trapping-math (the latter lets the
+// float-to-int conversions vectorise).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// For one query (qx, qy) and N keys: each read point's top-left corner as an offset into the padded
+// (Th + 2, Tw + 2) table, and its fractions along x and y.
+template <typename T>
+inline void corners(const T* __restrict__ kx, const T* __restrict__ ky, T qx, T qy, int64_t th, int64_t tw,
+                    int64_t n_keys, int32_t* __restrict__ offset, T* __restrict__ fx, T* __restrict__ fy) {
+  const int32_t row = static_cast<int32_t>(tw + 2);
+  const T width = static_cast<T>(tw), height = static_cast<T>(th);
+  const T x_scale = static_cast<T>(tw - 1) / 2, y_scale = static_cast<T>(th - 1) / 2;
+  for (int64_t n = 0; n < n_keys; ++n) {
+    T x = ((qx - kx[n]) + T(1)) * x_scale, y = ((qy - ky[n]) + T(1)) * y_scale;
+    const bool inside = (x > T(-1)) & (x < width) & (y > T(-1)) & (y < height);
+    x = inside ? x : T(-1);
+    y = inside ? y : T(-1);
+    const T x0 = std::floor(x), y0 = std::floor(y);
+    fx[n] = x - x0;
+    fy[n] = y - y0;
+    offset[n] = (static_cast<int32_t>(y0) + 1) * row + static_cast<int32_t>(x0) + 1;
+  }
+}
+
+// One query's bias towards N keys in one table plane t. Kept a function of its own, with restrict
+// pointers, so that the compiler vectorises the reads as gathers.
+template <typename T>
+inline void read(const T* __restrict__ t, const int32_t* __restrict__ offset, const T* __restrict__ fx,
+                 const T* __restrict__ fy, int32_t row, int64_t n_keys, T* __restrict__ out) {
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const int32_t i = offset[n];
+    const T top = t[i] + fx[n] * (t[i + 1] - t[i]);
+    const T bottom = t[i + row] + fx[n] * (t[i + row + 1] - t[i + row]);
+    out[n] = top + fy[n] * (bottom - top);
+  }
+}
+
+// Adds g times the bias's slope along x and y at each read point of one query to gx and gy.
+template <typename T>
+inline void read_slopes(const T* __restrict__ t, const int32_t* __restrict__ offset, const T* __restrict__ fx,
+                        const T* __restrict__ fy, const T* __restrict__ g, int32_t row, int64_t n_keys,
+                        T* __restrict__ gx, T* __restrict__ gy) {
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const int32_t i = offset[n];
+    const T dx_top = t[i + 1] - t[i], dx_bottom = t[i + row + 1] - t[i + row];
+    const T dy_left = t[i + row] - t[i], dy_right = t[i + row + 1] - t[i + 1];
+    gx[n] += g[n] * (dx_top + fy[n] * (dx_bottom - dx_top));
+    gy[n] += g[n] * (dy_left + fx[n] * (dy_right - dy_left));
+  }
+}
+
+// Scratch for one thread: corners() of one query.
+template <typename T>
+struct Corners {
+  std::vector<int32_t> offset;
+  std::vector<T> fx, fy;
+  explicit Corners(int64_t n_keys) : offset(n_keys), fx(n_keys), fy(n_keys) {}
+};
+
+struct Shape {
+  int64_t batch_groups, groups, heads, th, tw, queries, keys;
+  int64_t row() const { return tw + 2; }
+  int64_t plane() const { return (th + 2) * (tw + 2); }
+};
+
+Shape shape_of(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
+               const torch::Tensor& kx, const torch::Tensor& ky) {
+  TORCH_CHECK(table.dim() == 4 && qx.dim() == 1 && kx.dim() == 2, "deformable bias: bad ranks");
+  for (const auto* t : {&table, &qx, &qy, &kx, &ky}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == table.scalar_type(),
+                "deformable bias: expects contiguous CPU tensors of one dtype");
+  }
+  TORCH_CHECK(qx.sizes() == qy.sizes() && kx.sizes() == ky.sizes(), "deformable bias: coordinate shapes differ");
+  TORCH_CHECK(kx.size(0) % table.size(0) == 0, "deformable bias: batch * groups is not a multiple of groups");
+  return {kx.size(0), table.size(0), table.size(1), table.size(2) - 2, table.size(3) - 2, qx.size(0), kx.size(1)};
+}
+
+// Calls body(bg, m, offset, fx, fy) for every (image and group bg, query m) with corners() of its N keys,
+// in parallel over the queries.
+template <typename T, typename Body>
+void for_each_query(const T* qx, const T* qy, const T* kx, const T* ky, const Shape& s, const Body& body) {
+  at::parallel_for(0, s.batch_groups * s.queries, 1, [&](int64_t begin, int64_t end) {
+    Corners<T> c(s.keys);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bg = r / s.queries, m = r % s.queries;
+      corners<T>(kx + bg * s.keys, ky + bg * s.keys, qx[m], qy[m], s.th, s.tw, s.keys, c.offset.data(),
+                 c.fx.data(), c.fy.data());
+      body(bg, m, c.offset.data(), c.fx.data(), c.fy.data());
+    }
+  });
+}
+
+template <typename T>
+void bias_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, T* out, const Shape& s) {
+  const int32_t row = static_cast<int32_t>(s.row());
+  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
+                                           const T* __restrict__ fx, const T* __restrict__ fy) {
+    for (int64_t h = 0; h < s.heads; ++h) {
+      read<T>(table + ((bg % s.groups) * s.heads + h) * s.plane(), offset, fx, fy, row, s.keys,
+              out + ((bg * s.heads + h) * s.queries + m) * s.keys);
+    }
+  });
+}
+
+// Each thread adds into its own copy of the table and key gradients; the copies are summed at the end.
+template <typename T>
+void bias_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, const T* grad,
+                          T* grad_table, T* grad_keys, const Shape& s) {
+  const int32_t row = static_cast<int32_t>(s.row());
+  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
+                                           const T* __restrict__ fx, const T* __restrict__ fy) {
+    const int64_t thread = at::get_thread_num();
+    T* __restrict__ gx = grad_keys + (thread * s.batch_groups + bg) * 2 * s.keys;
+    T* __restrict__ gy = gx + s.keys;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const int64_t plane = (bg % s.groups) * s.heads + h;
+      const T* __restrict__ t = table + plane * s.plane();
+      T* __restrict__ gt = grad_table + (thread * s.groups * s.heads + plane) * s.plane();
+      const T* __restrict__ g = grad + ((bg * s.heads + h) * s.queries + m) * s.keys;
+      // Position gradients first, in a loop that vectorises; the scatter into the table cannot (two keys
+      // may share a cell).
+      read_slopes<T>(t, offset, fx, fy, g, row, s.keys, gx, gy);
+      for (int64_t n = 0; n < s.keys; ++n) {
+        const int32_t i = offset[n];
+        const T bottom = g[n] * fy[n], top = g[n] - bottom;
+        const T top_right = top * fx[n], bottom_right = bottom * fx[n];
+        gt[i] += top - top_right;
+        gt[i + 1] += top_right;
+        gt[i + row] += bottom - bottom_right;
+        gt[i + row + 1] += bottom_right;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// table: (groups, heads per group, Th + 2, Tw + 2), zero-padded; qx, qy: (M,); kx, ky: (B * groups, N).
+// Writes the bias (B * groups, heads per group, M, N) into the start of ``buffer`` and returns it: one
+// buffer serves every chunk of a layer, instead of a fresh allocation (and its page faults) per chunk.
+torch::Tensor bias(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
+                   const torch::Tensor& kx, const torch::Tensor& ky, torch::Tensor& buffer) {
+  const Shape s = shape_of(table, qx, qy, kx, ky);
+  const int64_t numel = s.batch_groups * s.heads * s.queries * s.keys;
+  TORCH_CHECK(buffer.is_contiguous() && buffer.scalar_type() == table.scalar_type() && buffer.numel() >= numel,
+              "deformable bias: buffer too small or of the wrong dtype");
+  auto out = buffer.view(-1).narrow(0, 0, numel).view({s.batch_groups, s.heads, s.queries, s.keys});
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_bias", [&] {
+    bias_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
+                          kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s);
+  });
+  return out;
+}
+
+// grad: the bias's gradient, shaped as bias() returns it. Returns the padded table's gradient and the
+// gradient (B * groups, 2, N) of the keys' cell index, x then y: the keys' own is -(Tw - 1) / 2 and
+// -(Th - 1) / 2 times it.
+std::vector<torch::Tensor> bias_backward(const torch::Tensor& table, const torch::Tensor& qx,
+                                         const torch::Tensor& qy, const torch::Tensor& kx,
+                                         const torch::Tensor& ky, const torch::Tensor& grad) {
+  const Shape s = shape_of(table, qx, qy, kx, ky);
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == table.scalar_type() &&
+                  grad.sizes() == torch::IntArrayRef({s.batch_groups, s.heads, s.queries, s.keys}),
+              "deformable bias: gradient of the wrong shape or dtype");
+  const int64_t threads = at::get_num_threads();
+  auto grad_table = torch::zeros({threads, s.groups, s.heads, s.th + 2, s.tw + 2}, table.options());
+  auto grad_keys = torch::zeros({threads, s.batch_groups, 2, s.keys}, table.options());
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_bias_backward", [&] {
+    bias_backward_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
+                                   kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                   grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), s);
+  });
+  return {grad_table.sum(0), grad_keys.sum(0)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bias", &bias, "deformable attention position bias (CPU)");
+  m.def("bias_backward", &bias_backward, "its gradient");
+}
