@@ -51,26 +51,30 @@ def test_fast_and_reference_paths_agree_in_fp32_on_a_detection_sized_map(layer):
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_cpu_kernels_read_and_differentiate_the_table_as_grid_sample_does(dtype):
+def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype):
     """Both bias lookups on the same points, some of them off the table (DAT's bounded offsets can carry a
-    key past the border: grid_sample reads zeros there), with several chunks of queries."""
+    key past the border: grid_sample reads zeros there), over two chunks of queries: the bias, and every
+    gradient of the attention backward (the kernels fuse the bias into the softmax and its backward)."""
     kernels = _cpu_kernels()
     assert kernels is not None, 'the CPU kernels did not build'
     torch.manual_seed(0)
-    groups, heads, batch = 2, 6, 2
+    groups, heads, batch, dim, num_keys = 2, 6, 2, 8, 40
     table = torch.randn(heads, 9, 13, dtype=dtype)
-    keys = (torch.rand(batch * groups, 40, 2, dtype=dtype) * 2.4 - 1.2) * 0.5
+    keys = (torch.rand(batch * groups, num_keys, 2, dtype=dtype) * 2.4 - 1.2) * 0.5
     qy, qx = torch.meshgrid(torch.linspace(-1, 1, 7, dtype=dtype), torch.linspace(-1, 1, 11, dtype=dtype),
                             indexing='ij')
     query = torch.stack([qx, qy], -1).reshape(-1, 2) * 0.5
+    q, out, grad_out = (torch.randn(batch * heads, len(query), dim, dtype=dtype) for _ in range(3))
+    k, v = (torch.randn(batch * heads, num_keys, dim, dtype=dtype) for _ in range(2))
     lookups = [_KernelLookup(kernels, table, keys, query, groups), _GridSampleLookup(table, keys, query, groups)]
-    grads = torch.randn(batch * groups, heads // groups, len(query), 40, dtype=dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for rows in (slice(0, 30), slice(30, 77)):
         ours, theirs = (lookup.bias(rows) for lookup in lookups)
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() < tol
-        for lookup in lookups:
-            lookup.add_gradient(rows, grads[:, :, rows].contiguous())
+        ours, theirs = (attention_backward(q[:, rows], k, v, lookup.chunk(rows), out[:, rows], grad_out[:, rows], 0.3)
+                        for lookup in lookups)
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape and (a - b).abs().max() < tol * b.abs().max()
     for ours, theirs in zip(*(lookup.gradients() for lookup in lookups)):
         assert ours.shape == theirs.shape
         assert (ours - theirs).abs().max() < tol * theirs.abs().max()

@@ -168,26 +168,42 @@ class DeformableAttention(nn.Module):
         return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
 
 
-def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                       out: torch.Tensor, grad_out: torch.Tensor, scale: float
+class DenseBias:
+    """A bias given as a tensor, (N, M, S), for :func:`attention_backward`: how it enters the probabilities,
+    and the scores' gradient dS = P * (dP - delta), which is also the bias's."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.baddbmm(self.bias.to(q.dtype), q, k.transpose(1, 2), alpha=scale).softmax(-1)
+
+    def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return grad_probs.sub_(delta[..., None]).mul_(probs)
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias, out: torch.Tensor,
+                       grad_out: torch.Tensor, scale: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``out = softmax(q k^T * scale + bias) v``, recomputing the probabilities P; the bias
     gradient is dS = P * (dO v^T - rowsum(dO * out)).
 
-    q, out, grad_out: (N, M, d); k, v: (N, S, d); bias: (N, M, S). Returns dq, dk, dv (in q's dtype) and
-    dbias (in bias's); half precision is differentiated in fp32, as the fused kernels accumulate.
+    q, out, grad_out: (N, M, d); k, v: (N, S, d); bias: a (N, M, S) tensor, or an object with
+    :class:`DenseBias`'s two methods. Returns dq, dk, dv (in q's dtype) and dS; half precision is
+    differentiated in fp32, as the fused kernels accumulate.
     """
-    dtype, bias_dtype = q.dtype, bias.dtype
+    bias = DenseBias(bias) if isinstance(bias, torch.Tensor) else bias
+    dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k, v, out, grad_out = (t.to(work) for t in (q, k, v, out, grad_out))
-    probs = torch.baddbmm(bias.to(work), q, k.transpose(1, 2), alpha=scale).softmax(-1)
+    probs = bias.probs(q, k, scale)
     grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
-    delta = (grad_out * out).sum(-1, keepdim=True)
-    grad_s = torch.bmm(grad_out, v.transpose(1, 2)).sub_(delta).mul_(probs)
+    delta = (grad_out * out).sum(-1)
+    grad_s = bias.grad_scores(probs, torch.bmm(grad_out, v.transpose(1, 2)), delta)
     del probs
     grad_q = torch.bmm(grad_s, k).mul_(scale)
     grad_k = torch.bmm(grad_s.transpose(1, 2), q).mul_(scale)
-    return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_s.to(bias_dtype)
+    return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_s
 
 
 def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.Tensor:
@@ -236,9 +252,9 @@ class _KernelLookup:
     each read point from its query and key and never materialise the (queries, keys, 2) grid.
 
     table: (heads, Th, Tw); keys: (B*g, Ns, 2) and query: (M, 2), (x, y), halved (see
-    :class:`_ChunkedBiasedAttention`). ``bias(rows)`` is (B*g, heads/g, len(rows), Ns) in the coordinates'
-    dtype; ``add_gradient(rows, grad)`` takes a gradient of that shape, ``gradients()`` returns the table's
-    and the keys' summed over all calls.
+    :class:`_ChunkedBiasedAttention`). ``bias(rows)``, for the forward's SDPA, is (B*g, heads/g, len(rows), Ns)
+    in the coordinates' dtype; ``chunk(rows)`` is the bias of those queries for :func:`attention_backward`,
+    which collects the gradients that ``gradients()`` returns, summed over all chunks.
     """
 
     def __init__(self, kernels, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
@@ -257,17 +273,55 @@ class _KernelLookup:
         return self.kernels.bias(self.table, self.query[0, rows], self.query[1, rows], self.keys[0], self.keys[1],
                                  self.buffer)
 
-    def add_gradient(self, rows: slice, grad: torch.Tensor) -> None:
-        grad_table, grad_keys = self.kernels.bias_backward(self.table, self.query[0, rows], self.query[1, rows],
-                                                           self.keys[0], self.keys[1], grad)
-        self.grad_table = self.grad_table + grad_table
-        self.grad_keys = self.grad_keys + grad_keys
+    def chunk(self, rows: slice) -> '_KernelChunk':
+        return _KernelChunk(self, rows)
 
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
         th, tw = self.table_shape[1:]
         grad_table = self.grad_table[..., 1:-1, 1:-1].reshape(self.table_shape)
         # From the gradient of the cell index (grid + 1) / 2 * (n - 1), with grid = query - key.
         return grad_table, self.grad_keys.transpose(1, 2) * self.keys.new_tensor([(1 - tw) / 2, (1 - th) / 2])
+
+
+class _KernelChunk:
+    """One chunk of queries for :func:`attention_backward`, through the kernels: the bias is added to the
+    scores and their softmax taken in one pass, and dS is formed in the pass that takes the table and key
+    gradients from it, which go to the lookup."""
+
+    def __init__(self, lookup: _KernelLookup, rows: slice) -> None:
+        self.lookup, self.rows = lookup, rows
+
+    def _coords(self):
+        lookup = self.lookup
+        return (lookup.table, lookup.query[0, self.rows], lookup.query[1, self.rows], lookup.keys[0],
+                lookup.keys[1])
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        scores = torch.bmm(q, k.transpose(1, 2))
+        self.lookup.kernels.biased_softmax_(*self._coords(), scale, scores)
+        return scores
+
+    def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        grad_table, grad_keys = self.lookup.kernels.biased_softmax_backward_(*self._coords(), probs, delta,
+                                                                             grad_probs)
+        self.lookup.grad_table = self.lookup.grad_table + grad_table
+        self.lookup.grad_keys = self.lookup.grad_keys + grad_keys
+        return grad_probs
+
+
+class _GridSampleChunk(DenseBias):
+    """One chunk of queries for :func:`attention_backward` through the grid_sample lookup, which takes the
+    table and key gradients from dS."""
+
+    def __init__(self, lookup: '_GridSampleLookup', rows: slice) -> None:
+        bias = lookup.bias(rows)
+        super().__init__(bias.flatten(0, 1))
+        self.lookup, self.rows, self.shape = lookup, rows, bias.shape
+
+    def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        grad_s = super().grad_scores(probs, grad_probs, delta)
+        self.lookup.add_gradient(self.rows, grad_s.view(self.shape))
+        return grad_s
 
 
 class _GridSampleLookup:
@@ -291,6 +345,9 @@ class _GridSampleLookup:
                                                                    [True, True])
         self.grad_tables += d_tables
         self.grad_keys -= d_grid.sum(1)
+
+    def chunk(self, rows: slice) -> _GridSampleChunk:
+        return _GridSampleChunk(self, rows)
 
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_keys
@@ -349,14 +406,12 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
         lookup = _lookup(table, keys, query, ctx.groups)
         for rows in _ChunkedBiasedAttention._chunks(q, k):
-            bias = lookup.bias(rows)
-            d_q, d_k, d_v, d_bias = attention_backward(
-                q4[:, :, rows].flatten(0, 1), k3, v3, bias.flatten(0, 1), out4[:, :, rows].flatten(0, 1),
+            d_q, d_k, d_v, _ = attention_backward(
+                q4[:, :, rows].flatten(0, 1), k3, v3, lookup.chunk(rows), out4[:, :, rows].flatten(0, 1),
                 grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
             grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
             grad_k += d_k
             grad_v += d_v
-            lookup.add_gradient(rows, d_bias.view_as(bias))
         grad_table, grad_keys = lookup.gradients()
         return (grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table.to(table.dtype), grad_keys,
                 None, None, None)

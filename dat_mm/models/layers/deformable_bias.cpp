@@ -1,21 +1,25 @@
 // CPU kernels for the deformable attention's relative position bias: bilinear reads of the bias table at
-// every (query, key) displacement, and their gradient. They replace grid_sample on a materialised
-// (queries, keys, 2) grid, whose writing and reading cost more than the lookup itself.
+// every (query, key) displacement. They replace grid_sample on a materialised (queries, keys, 2) grid,
+// whose writing and reading cost more than the lookup itself. The forward hands the bias to SDPA; the
+// backward adds it to recomputed scores and takes the softmax in the same pass, and takes the table and
+// key gradients in the pass that forms the scores' gradient.
 //
 // Query m reads key n's bias at grid_sample's grid point (qx[m] - kx[n], qy[m] - ky[n]), in [-1, 1] over
-// the table, with align_corners=True; the cell index is computed in grid_sample's own order of operations,
-// so that both paths place a point on the same side of a cell border (where the gradient jumps). The table arrives padded
-// with one cell of zeros on each side, so that grid_sample's zero padding needs no test per corner: a point
-// with any corner outside the padded table lies wholly outside the table (all four corners zero) and is
-// moved to the padding's top-left cell with zero fractions.
+// the table, with align_corners=True. The cell index is computed in grid_sample's own order of
+// operations, so that both paths put a point on the same side of a cell border, where the gradient
+// jumps. The table arrives padded with one cell of zeros on each side, so that grid_sample's zero padding
+// needs no test per corner: a point with any corner outside the padded table lies wholly outside the
+// table (all four corners zero) and is moved to the padding's top-left cell with zero fractions.
 //
-// Built by deformable_attention.py on first use, with -march=native -fno-trapping-math (the latter lets the
+// Built by deformable_attention.py on first use, with -march=native and -fno-trapping-math (which lets the
 // float-to-int conversions vectorise).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -67,6 +71,117 @@ inline void read_slopes(const T* __restrict__ t, const int32_t* __restrict__ off
   }
 }
 
+// exp over the softmax's range (x <= 0), in a form the compiler vectorises (std::exp is not, short of
+// -ffast-math): x = k ln 2 + r with |r| <= ln 2 / 2, e^r by its degree-6 Taylor-like minimax polynomial,
+// 2^k put into the exponent bits. Within 2 ulp of std::exp in float; double (the tests' precision) uses
+// std::exp itself.
+inline float softmax_exp(float x) {
+  x = std::max(x, -87.0f);   // below, e^x is under float's smallest normal: the weight is 0 either way
+  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;   // ln 2 in two parts, for an exact k ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return e * two_k;
+}
+
+inline double softmax_exp(double x) { return std::exp(x); }
+
+// Reductions of one row. The compiler vectorises a float reduction only where it may reorder it
+// (-fassociative-math), which would also reorder the cell-index arithmetic above; so float rows are
+// reduced in explicit 8-lane vectors, double rows (the tests' precision) in order.
+template <typename T>
+inline T row_max(const T* __restrict__ s, int64_t n_keys) {
+  T top = std::numeric_limits<T>::lowest();
+  for (int64_t n = 0; n < n_keys; ++n) {
+    top = std::max(top, s[n]);
+  }
+  return top;
+}
+
+template <typename T>
+inline T row_sum(const T* __restrict__ s, int64_t n_keys) {
+  T sum = 0;
+  for (int64_t n = 0; n < n_keys; ++n) {
+    sum += s[n];
+  }
+  return sum;
+}
+
+typedef float Lanes __attribute__((vector_size(32)));
+constexpr int64_t kLanes = sizeof(Lanes) / sizeof(float);
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <>
+inline float row_max<float>(const float* __restrict__ s, int64_t n_keys) {
+  float top = std::numeric_limits<float>::lowest();
+  int64_t n = 0;
+  if (n_keys >= kLanes) {
+    Lanes lanes = load_lanes(s);
+    for (n = kLanes; n + kLanes <= n_keys; n += kLanes) {
+      const Lanes v = load_lanes(s + n);
+      lanes = v > lanes ? v : lanes;
+    }
+    for (int64_t j = 0; j < kLanes; ++j) {
+      top = std::max(top, lanes[j]);
+    }
+  }
+  for (; n < n_keys; ++n) {
+    top = std::max(top, s[n]);
+  }
+  return top;
+}
+
+template <>
+inline float row_sum<float>(const float* __restrict__ s, int64_t n_keys) {
+  Lanes lanes = {};
+  int64_t n = 0;
+  for (; n + kLanes <= n_keys; n += kLanes) {
+    lanes += load_lanes(s + n);
+  }
+  float sum = 0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum += lanes[j];
+  }
+  for (; n < n_keys; ++n) {
+    sum += s[n];
+  }
+  return sum;
+}
+
+// One query's scores towards N keys in place: scale * s + bias, then the softmax over the keys.
+template <typename T>
+inline void biased_softmax_row(const T* __restrict__ t, const int32_t* __restrict__ offset,
+                               const T* __restrict__ fx, const T* __restrict__ fy, int32_t row, int64_t n_keys,
+                               T scale, T* __restrict__ s) {
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const int32_t i = offset[n];
+    const T upper = t[i] + fx[n] * (t[i + 1] - t[i]);
+    const T lower = t[i + row] + fx[n] * (t[i + row + 1] - t[i + row]);
+    s[n] = s[n] * scale + (upper + fy[n] * (lower - upper));
+  }
+  const T top = row_max(s, n_keys);
+  for (int64_t n = 0; n < n_keys; ++n) {
+    s[n] = softmax_exp(s[n] - top);
+  }
+  const T inverse = T(1) / row_sum(s, n_keys);
+  for (int64_t n = 0; n < n_keys; ++n) {
+    s[n] *= inverse;
+  }
+}
+
 // Scratch for one thread: corners() of one query.
 template <typename T>
 struct Corners {
@@ -91,6 +206,12 @@ Shape shape_of(const torch::Tensor& table, const torch::Tensor& qx, const torch:
   TORCH_CHECK(qx.sizes() == qy.sizes() && kx.sizes() == ky.sizes(), "deformable bias: coordinate shapes differ");
   TORCH_CHECK(kx.size(0) % table.size(0) == 0, "deformable bias: batch * groups is not a multiple of groups");
   return {kx.size(0), table.size(0), table.size(1), table.size(2) - 2, table.size(3) - 2, qx.size(0), kx.size(1)};
+}
+
+void check_scores(const torch::Tensor& t, const torch::Tensor& table, const Shape& s) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == table.scalar_type() &&
+                  t.sizes() == torch::IntArrayRef({s.batch_groups * s.heads, s.queries, s.keys}),
+              "deformable bias: scores or their gradient of the wrong shape or dtype");
 }
 
 // Calls body(bg, m, offset, fx, fy) for every (image and group bg, query m) with corners() of its N keys,
@@ -120,10 +241,24 @@ void bias_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T*
   });
 }
 
-// Each thread adds into its own copy of the table and key gradients; the copies are summed at the end.
 template <typename T>
-void bias_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, const T* grad,
-                          T* grad_table, T* grad_keys, const Shape& s) {
+void softmax_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, T scale, T* scores,
+                    const Shape& s) {
+  const int32_t row = static_cast<int32_t>(s.row());
+  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
+                                           const T* __restrict__ fx, const T* __restrict__ fy) {
+    for (int64_t h = 0; h < s.heads; ++h) {
+      biased_softmax_row<T>(table + ((bg % s.groups) * s.heads + h) * s.plane(), offset, fx, fy, row, s.keys,
+                            scale, scores + ((bg * s.heads + h) * s.queries + m) * s.keys);
+    }
+  });
+}
+
+// grad holds dL/dP on entry and leaves with the scores' gradient dS = P * (dL/dP - delta), which is also
+// the bias's: its table and key gradients are added into per-thread copies, summed by the caller.
+template <typename T>
+void softmax_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, const T* probs,
+                             const T* delta, T* grad, T* grad_table, T* grad_keys, const Shape& s) {
   const int32_t row = static_cast<int32_t>(s.row());
   for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
                                            const T* __restrict__ fx, const T* __restrict__ fy) {
@@ -131,10 +266,15 @@ void bias_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx,
     T* __restrict__ gx = grad_keys + (thread * s.batch_groups + bg) * 2 * s.keys;
     T* __restrict__ gy = gx + s.keys;
     for (int64_t h = 0; h < s.heads; ++h) {
-      const int64_t plane = (bg % s.groups) * s.heads + h;
+      const int64_t plane = (bg % s.groups) * s.heads + h, query = (bg * s.heads + h) * s.queries + m;
       const T* __restrict__ t = table + plane * s.plane();
       T* __restrict__ gt = grad_table + (thread * s.groups * s.heads + plane) * s.plane();
-      const T* __restrict__ g = grad + ((bg * s.heads + h) * s.queries + m) * s.keys;
+      T* __restrict__ g = grad + query * s.keys;
+      const T* __restrict__ p = probs + query * s.keys;
+      const T d = delta[query];
+      for (int64_t n = 0; n < s.keys; ++n) {
+        g[n] = p[n] * (g[n] - d);
+      }
       // Position gradients first, in a loop that vectorises; the scatter into the table cannot (two keys
       // may share a cell).
       read_slopes<T>(t, offset, fx, fy, g, row, s.keys, gx, gy);
@@ -170,28 +310,47 @@ torch::Tensor bias(const torch::Tensor& table, const torch::Tensor& qx, const to
   return out;
 }
 
-// grad: the bias's gradient, shaped as bias() returns it. Returns the padded table's gradient and the
+// scores: q k^T of the chunk's queries, (B * groups * heads per group, M, N); replaced in place by the
+// attention probabilities softmax(scale * scores + bias).
+void biased_softmax_(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
+                     const torch::Tensor& kx, const torch::Tensor& ky, double scale, torch::Tensor& scores) {
+  const Shape s = shape_of(table, qx, qy, kx, ky);
+  check_scores(scores, table, s);
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax", [&] {
+    softmax_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
+                             kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
+                             scores.data_ptr<scalar_t>(), s);
+  });
+}
+
+// probs: biased_softmax_'s result; grad: dL/dP, replaced in place by the scores' (and bias's) gradient;
+// delta: rowsum(dO * O), (B * groups * heads per group, M). Returns the padded table's gradient and the
 // gradient (B * groups, 2, N) of the keys' cell index, x then y: the keys' own is -(Tw - 1) / 2 and
 // -(Th - 1) / 2 times it.
-std::vector<torch::Tensor> bias_backward(const torch::Tensor& table, const torch::Tensor& qx,
-                                         const torch::Tensor& qy, const torch::Tensor& kx,
-                                         const torch::Tensor& ky, const torch::Tensor& grad) {
+std::vector<torch::Tensor> biased_softmax_backward_(const torch::Tensor& table, const torch::Tensor& qx,
+                                                    const torch::Tensor& qy, const torch::Tensor& kx,
+                                                    const torch::Tensor& ky, const torch::Tensor& probs,
+                                                    const torch::Tensor& delta, torch::Tensor& grad) {
   const Shape s = shape_of(table, qx, qy, kx, ky);
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == table.scalar_type() &&
-                  grad.sizes() == torch::IntArrayRef({s.batch_groups, s.heads, s.queries, s.keys}),
-              "deformable bias: gradient of the wrong shape or dtype");
+  check_scores(probs, table, s);
+  check_scores(grad, table, s);
+  TORCH_CHECK(delta.is_contiguous() && delta.scalar_type() == table.scalar_type() &&
+                  delta.numel() == s.batch_groups * s.heads * s.queries,
+              "deformable bias: delta of the wrong shape or dtype");
   const int64_t threads = at::get_num_threads();
   auto grad_table = torch::zeros({threads, s.groups, s.heads, s.th + 2, s.tw + 2}, table.options());
   auto grad_keys = torch::zeros({threads, s.batch_groups, 2, s.keys}, table.options());
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_bias_backward", [&] {
-    bias_backward_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
-                                   kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                                   grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), s);
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax_backward", [&] {
+    softmax_backward_kernel<scalar_t>(
+        table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(), kx.data_ptr<scalar_t>(),
+        ky.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+        grad.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), s);
   });
   return {grad_table.sum(0), grad_keys.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bias", &bias, "deformable attention position bias (CPU)");
-  m.def("bias_backward", &bias_backward, "its gradient");
+  m.def("bias", &bias, "the position bias of a chunk of queries (CPU)");
+  m.def("biased_softmax_", &biased_softmax_, "softmax(scale * scores + bias), in place");
+  m.def("biased_softmax_backward_", &biased_softmax_backward_, "its backward: scores', table and key gradients");
 }
