@@ -78,3 +78,23 @@ def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype):
     for ours, theirs in zip(*(lookup.gradients() for lookup in lookups)):
         assert ours.shape == theirs.shape
         assert (ours - theirs).abs().max() < tol * theirs.abs().max()
+
+
+def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from dat_mm.models.layers import deformable_attention
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError('no C++ compiler')
+
+    monkeypatch.setattr(cpp_extension, 'load', no_compiler)
+    deformable_attention._cpu_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match='falls back to grid_sample.*no C\\+\\+ compiler'):
+            assert deformable_attention._cpu_kernels() is None
+        table, keys, query = torch.zeros(2, 3, 3), torch.zeros(1, 4, 2), torch.zeros(5, 2)
+        assert isinstance(deformable_attention._lookup(table, keys, query, 1),
+                          deformable_attention._GridSampleLookup)
+    finally:
+        deformable_attention._cpu_kernels.cache_clear()
