@@ -223,7 +223,7 @@ def _cpu_flags() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernels():
-    """The table-lookup kernels of deformable_bias.cpp, compiled on first use (about 40 s, once per machine
+    """The table-lookup kernels of deformable_bias.cpp, compiled on first use (30-60 s, once per machine
     and torch version; torch keeps the build under ``TORCH_EXTENSIONS_DIR``). None where they cannot be
     built, with a warning: the grid_sample lookup does the same, slower."""
     from torch.utils import cpp_extension
@@ -243,7 +243,7 @@ def _cpu_kernels():
                                                                      '-fopenmp'], extra_ldflags=['-fopenmp'])
     except Exception as err:   # no compiler, no ninja, an unsupported platform: all leave the slow lookup
         warnings.warn(f'dat_mm: the deformable-attention CPU kernels could not be built, so the position bias '
-                      f'falls back to grid_sample (about 3x slower in training): {err}')
+                      f'falls back to grid_sample (the same numbers; DAT-T++ trains about 1.4x slower on CPU): {err}')
         return None
 
 

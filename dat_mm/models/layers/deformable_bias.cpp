@@ -258,11 +258,12 @@ void softmax_kernel(const T* table, const T* qx, const T* qy, const T* kx, const
 // the bias's: its table and key gradients are added into per-thread copies, summed by the caller.
 template <typename T>
 void softmax_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, const T* probs,
-                             const T* delta, T* grad, T* grad_table, T* grad_keys, const Shape& s) {
+                             const T* delta, T* grad, T* grad_table, T* grad_keys, int64_t threads, const Shape& s) {
   const int32_t row = static_cast<int32_t>(s.row());
   for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
                                            const T* __restrict__ fx, const T* __restrict__ fy) {
     const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < threads, "deformable bias: more worker threads than at::get_num_threads()");
     T* __restrict__ gx = grad_keys + (thread * s.batch_groups + bg) * 2 * s.keys;
     T* __restrict__ gy = gx + s.keys;
     for (int64_t h = 0; h < s.heads; ++h) {
@@ -344,7 +345,7 @@ std::vector<torch::Tensor> biased_softmax_backward_(const torch::Tensor& table, 
     softmax_backward_kernel<scalar_t>(
         table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(), kx.data_ptr<scalar_t>(),
         ky.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-        grad.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), s);
+        grad.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), threads, s);
   });
   return {grad_table.sum(0), grad_keys.sum(0)};
 }
