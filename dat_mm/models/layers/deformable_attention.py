@@ -266,12 +266,15 @@ class _KernelLookup:
         self.buffer = keys.new_empty(0)
         self.grad_table = self.grad_keys = 0
 
+    def coords(self, rows: slice) -> tuple:
+        """The kernels' first five arguments for these queries: padded table, query x, y, key x, y."""
+        return self.table, self.query[0, rows], self.query[1, rows], self.keys[0], self.keys[1]
+
     def bias(self, rows: slice) -> torch.Tensor:
         size = self.keys.shape[1] * self.table.shape[1] * (rows.stop - rows.start) * self.keys.shape[2]
         if self.buffer.numel() < size:   # the first chunk, which is the largest
             self.buffer = self.keys.new_empty(size)
-        return self.kernels.bias(self.table, self.query[0, rows], self.query[1, rows], self.keys[0], self.keys[1],
-                                 self.buffer)
+        return self.kernels.bias(*self.coords(rows), self.buffer)
 
     def chunk(self, rows: slice) -> '_KernelChunk':
         return _KernelChunk(self, rows)
@@ -291,19 +294,14 @@ class _KernelChunk:
     def __init__(self, lookup: _KernelLookup, rows: slice) -> None:
         self.lookup, self.rows = lookup, rows
 
-    def _coords(self):
-        lookup = self.lookup
-        return (lookup.table, lookup.query[0, self.rows], lookup.query[1, self.rows], lookup.keys[0],
-                lookup.keys[1])
-
     def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         scores = torch.bmm(q, k.transpose(1, 2))
-        self.lookup.kernels.biased_softmax_(*self._coords(), scale, scores)
+        self.lookup.kernels.biased_softmax_(*self.lookup.coords(self.rows), scale, scores)
         return scores
 
     def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        grad_table, grad_keys = self.lookup.kernels.biased_softmax_backward_(*self._coords(), probs, delta,
-                                                                             grad_probs)
+        grad_table, grad_keys = self.lookup.kernels.biased_softmax_backward_(*self.lookup.coords(self.rows), probs,
+                                                                             delta, grad_probs)
         self.lookup.grad_table = self.lookup.grad_table + grad_table
         self.lookup.grad_keys = self.lookup.grad_keys + grad_keys
         return grad_probs
