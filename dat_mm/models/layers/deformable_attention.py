@@ -243,7 +243,7 @@ def _cpu_kernels():
                                                                      '-fopenmp'], extra_ldflags=['-fopenmp'])
     except Exception as err:   # no compiler, no ninja, an unsupported platform: all leave the slow lookup
         warnings.warn(f'dat_mm: the deformable-attention CPU kernels could not be built, so the position bias '
-                      f'falls back to grid_sample (the same numbers; DAT-T++ trains about 1.4x slower on CPU): {err}')
+                      f'falls back to grid_sample (the same numbers; DAT-T++ trains about 1.45x slower on CPU): {err}')
         return None
 
 
