@@ -1,7 +1,8 @@
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
+
+from .attention_backward import attention_backward
 
 
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
@@ -81,9 +82,6 @@ class NeighborhoodAttention(nn.Module):
         if self.reference:
             q, key, value = qkv.reshape(batch, hp, wp, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
             out = self._attend(q * self.scale, key, value).permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
-        elif torch.is_grad_enabled() and qkv.requires_grad:
-            # The tiles' gathered regions, bias and attention are recomputed in backward, not stored.
-            out = cp.checkpoint(self._attend_tiled, qkv, use_reentrant=False)
         else:
             out = self._attend_tiled(qkv)
         return self.proj(out)[:, :height, :width].permute(0, 3, 1, 2)
@@ -109,53 +107,100 @@ class NeighborhoodAttention(nn.Module):
     def _attend_tiled(self, qkv: torch.Tensor) -> torch.Tensor:
         """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a bias of -inf
         outside the queries' own windows; same result as :meth:`_attend`. qkv: (B, Hp, Wp, 3C), q unscaled.
-        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp rounded up to whole tiles.
-
-        Regions are gathered as whole pixels (all heads' channels, one contiguous copy each), measured 6x
-        faster than gathering each head's d channels. The attention runs a row of tiles at a time, so that
-        each call's operands stay a few MB, and every row of one kind (all but the border rows) shares one bias.
+        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp rounded up to whole tiles; see :class:`_TiledAttention`.
         """
         batch, hp, wp = qkv.shape[:3]
         heads, t = self.num_heads, self.tile
-        dim = qkv.shape[3] // (3 * heads)
         ky, by = _tiles(hp, self.kernel_size, t, qkv.device)
         kx, bx = _tiles(wp, self.kernel_size, t, qkv.device)
-        (n_ty, ry), (n_tx, rx) = ky.shape, kx.shape
+        (n_ty, ry), n_tx = ky.shape, kx.shape[0]
         (by, kind_y), (bx, kind_x) = _kinds(by), _kinds(bx)
         # The last tile's queries past the map repeat its last row or column; their outputs are cropped.
         rows = torch.arange(n_ty * t, device=qkv.device).clamp(max=hp - 1).view(n_ty, t)
         cols = torch.arange(n_tx * t, device=qkv.device).clamp(max=wp - 1).view(n_tx, t)
-        # Flattened map positions of each tile's queries and key region, tile row by tile row.
-        query_index = (rows[:, None, :, None] * wp + cols[None, :, None, :]).flatten()
-        key_index = (ky[:, None, :, None] * wp + kx[None, :, None, :]).flatten()
-        # Per kind of tile row, the bias of a row of tiles, (Tx, heads, t*t, Ry*Rx): gathered from the table once
-        # per pair of tile kinds, then copied tile by tile. Index -1, outside a query's window, reads the -inf
-        # appended to each axis of the table.
-        rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf')).to(qkv.dtype)
-        patterns = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Uy, Ux, t, t, Ry, Rx)
-        patterns = patterns.permute(1, 2, 0, 3, 4, 5, 6).reshape(*patterns.shape[1:3], heads, t * t, ry * rx)
-        bias = [kind.index_select(0, kind_x) for kind in patterns]
-        training = torch.is_grad_enabled() and (qkv.requires_grad or rpb.requires_grad)
-        out = []
-        for pixels in qkv.reshape(batch, hp * wp, 3, heads, dim):
-            if training:
-                # Split, not sliced, into rows: one backward concatenates the rows' gradients.
-                queries = pixels[:, 0].index_select(0, query_index).split(n_tx * t * t)
-                keys_values = pixels[:, 1:].index_select(0, key_index).split(n_tx * ry * rx)
-            else:
-                # Row by row: the gathered regions stay a few MB instead of hundreds.
-                queries = (pixels[:, 0].index_select(0, i) for i in query_index.split(n_tx * t * t))
-                keys_values = (pixels[:, 1:].index_select(0, i) for i in key_index.split(n_tx * ry * rx))
-            for kind, q, kv in zip(kind_y.tolist(), queries, keys_values):
-                q = q.view(n_tx, t * t, heads, dim).transpose(1, 2)                 # (Tx, heads, t*t, d)
-                key, value = kv.view(n_tx, ry * rx, 2, heads, dim).permute(2, 0, 3, 1, 4)
-                if training:
-                    # Plain autograd, measured faster here than the fused kernel with a hand-written backward
-                    # (the windows are small and recomputed under checkpointing anyway), and than SDPA's math
-                    # path, whose softmax adds three passes to find rows masked entirely (none are).
-                    scores = torch.matmul(q * self.scale, key.transpose(-1, -2)).add_(bias[kind])
-                    row = torch.matmul(scores.softmax(-1), value)
-                else:
-                    row = F.scaled_dot_product_attention(q, key, value, attn_mask=bias[kind], scale=self.scale)
-                out.append(row.transpose(1, 2).reshape(n_tx, t, t, heads * dim).transpose(0, 1))
-        return torch.stack(out).view(batch, n_ty * t, n_tx * t, heads * dim)
+        query_index = (rows[:, None, :, None] * wp + cols[None, :, None, :]).view(n_ty, -1)
+        key_index = (ky[:, None, :, None] * wp + kx[None, :, None, :]).view(n_ty, -1)
+        # The bias of a row of tiles, per kind of row: gathered from the table once per pair of tile kinds,
+        # then copied tile by tile. Index -1, outside a query's window, reads the -inf appended to each axis.
+        # In the table's dtype: under autocast its gradient sums many tiles, which bf16 would round.
+        rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
+        bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Uy, Ux, t, t, Ry, Rx)
+        bias = bias.permute(1, 2, 0, 3, 4, 5, 6).reshape(*bias.shape[1:3], heads, t * t, -1).index_select(1, kind_x)
+        out = _TiledAttention.apply(qkv.reshape(batch, hp * wp, 3, heads, -1), bias, query_index, key_index,
+                                    kind_y.tolist(), t, self.scale)
+        return out.view(batch, n_ty * t, n_tx * t, -1)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Neighborhood attention of tiles of queries to their key regions, a row of tiles at a time in both passes.
+
+    The forward gathers a row's queries and regions as whole pixels (all heads' channels, one contiguous copy
+    each: 6x faster than gathering each head's d channels) and runs the fused kernel on them; its operands
+    stay a few MB where whole-map ones were hundreds (much of their cost the first touch of fresh memory).
+    The backward gathers them again, gets dq, dk, dv and the bias gradient from :func:`attention_backward`,
+    and adds them into place. Nothing but the input and the output is kept.
+
+    qkv: (B, Hp*Wp, 3, heads, d); bias: (Uy, Tx, heads, t*t, R), per kind of tile row; query_index (Ty, Tx*t*t)
+    and key_index (Ty, Tx*R): the map positions of each tile row's queries and regions, tile by tile; kinds:
+    each row's kind. Returns (B, Ty, t, Tx, t, heads, d).
+    """
+
+    @staticmethod
+    def _rows(pixels: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, t: int):
+        """Per tile row of one image (pixels (Hp*Wp, 3, heads, d)): q (Tx, heads, t*t, d) and k, v
+        (Tx, heads, R, d), views of the gathered pixels."""
+        n_tx, heads, dim = query_index.shape[1] // (t * t), *pixels.shape[2:]
+        for queries, keys in zip(query_index, key_index):
+            q = pixels[:, 0].index_select(0, queries).view(n_tx, t * t, heads, dim).transpose(1, 2)
+            k, v = pixels[:, 1:].index_select(0, keys).view(n_tx, -1, 2, heads, dim).permute(2, 0, 3, 1, 4)
+            yield q, k, v
+
+    @staticmethod
+    def forward(ctx, qkv, bias, query_index, key_index, kinds, t, scale):
+        batch, _, _, heads, dim = qkv.shape
+        n_ty, n_tx = query_index.shape[0], bias.shape[1]
+        out = qkv.new_empty(batch, n_ty, t, n_tx, t, heads, dim)
+        # Views of a tensor that requires grad do too, even under no_grad, and send the kernel to its math path.
+        masks = bias.detach().to(qkv.dtype)
+        for image, pixels in enumerate(qkv):
+            rows = _TiledAttention._rows(pixels, query_index, key_index, t)
+            for row, (kind, (q, k, v)) in enumerate(zip(kinds, rows)):
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[kind], scale=scale)
+                out[image, row] = attn.transpose(1, 2).view(n_tx, t, t, heads, dim).transpose(0, 1)
+        ctx.save_for_backward(qkv, bias, query_index, key_index, out)
+        ctx.kinds, ctx.t, ctx.scale = kinds, t, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qkv, bias, query_index, key_index, out = ctx.saved_tensors
+        t = ctx.t
+        heads, dim = qkv.shape[3:]
+        n_tx = bias.shape[1]
+        # Half precision is differentiated and accumulated in fp32, as in the fused kernels.
+        work = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
+        # Summed into contiguous (q, k, v) maps: index_add_ into qkv's strided thirds measured 7x slower.
+        grad_qkv = qkv.new_zeros(3, *qkv.shape[:2], heads, dim, dtype=work)
+        grad_bias = torch.zeros_like(bias, dtype=work)
+
+        def by_head(x: torch.Tensor) -> torch.Tensor:   # (Tx, heads, n, d) -> (Tx*heads, n, d)
+            return x.reshape(-1, *x.shape[2:]).to(work)
+
+        def by_pixel(x: torch.Tensor) -> torch.Tensor:   # (Tx*heads, n, d) -> (Tx*n, heads, d)
+            return x.view(n_tx, heads, -1, dim).transpose(1, 2).reshape(-1, heads, dim)
+
+        for image, pixels in enumerate(qkv):
+            rows = _TiledAttention._rows(pixels, query_index, key_index, t)
+            for row, (kind, (q, k, v)) in enumerate(zip(ctx.kinds, rows)):
+                # (t, Tx, t, heads, d) -> (Tx, heads, t*t, d), as q
+                o, grad_o = (x[image, row].permute(1, 3, 0, 2, 4).reshape(n_tx, heads, t * t, dim)
+                             for x in (out, grad_out))
+                grad_q, grad_k, grad_v, grad_s = attention_backward(
+                    by_head(q), by_head(k), by_head(v), by_head(bias[kind]), by_head(o), by_head(grad_o), ctx.scale)
+                grad_bias[kind] += grad_s.view_as(bias[kind])
+                grad_qkv[0, image].index_add_(0, query_index[row], by_pixel(grad_q))
+                grad_qkv[1, image].index_add_(0, key_index[row], by_pixel(grad_k))
+                grad_qkv[2, image].index_add_(0, key_index[row], by_pixel(grad_v))
+        return (grad_qkv.permute(1, 2, 0, 3, 4).to(qkv.dtype), grad_bias.to(bias.dtype),
+                None, None, None, None, None)
