@@ -107,16 +107,14 @@ class DATStage(nn.Module):
         self.drop_paths = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
     def _block(self, i: int, x: torch.Tensor):
-        # Each residual is added in place into the branch's fresh output, which no backward needs (those of
-        # the last conv or linear, or of DropPath's multiply): a map fewer to allocate and first touch.
         if self.local_perception_units is not None:
-            x = self.local_perception_units[i](x).add_(x)
+            x = x + self.local_perception_units[i](x)
         out = self.attns[i](self.layer_norms[2 * i](x))
         points = None
         if isinstance(out, tuple):
             out, *points = out
-        x = self.drop_paths[i](out).add_(x)
-        x = self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x))).add_(x)
+        x = x + self.drop_paths[i](out)
+        x = x + self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x)))
         return x, points
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
