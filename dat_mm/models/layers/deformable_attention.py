@@ -124,14 +124,15 @@ class DeformableAttention(nn.Module):
         sampled = F.grid_sample(x.reshape(batch * groups, channels // groups, height, width).to(cdtype),
                                 pos.flip(-1), mode='bilinear', align_corners=True).to(x.dtype)
         sampled = sampled.reshape(batch, channels, hk, wk)
-        k, v = self.proj_k(sampled), self.proj_v(sampled)
-        keys = pos.reshape(batch * groups, hk * wk, 2)
-        if self.reference:
-            q, k, v = (t.reshape(batch * heads, channels // heads, -1) for t in (q, k, v))
-            out = self._attend(q, k, v, keys, height, width).reshape(batch, channels, height, width)
-        else:
-            out = self._attend_chunked(q, k, v, keys)
-        return self.proj_out(out), pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
+        num_keys = hk * wk
+        k = self.proj_k(sampled).reshape(batch * heads, -1, num_keys)
+        v = self.proj_v(sampled).reshape(batch * heads, -1, num_keys)
+        q = q.reshape(batch * heads, -1, height * width)
+
+        attend = self._attend if self.reference else self._attend_chunked
+        out = attend(q, k, v, pos.reshape(batch * groups, num_keys, 2), height, width)
+        out = self.proj_out(out.reshape(batch, channels, height, width))
+        return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
 
     def _offsets(self, q: torch.Tensor) -> torch.Tensor:
         """(B*g, 2, Hk, Wk) offsets from each group's channels of q (B, C, H, W)."""
@@ -161,25 +162,21 @@ class DeformableAttention(nn.Module):
         scores = scores + self._bias(query, pos).to(scores.dtype)
         return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)
 
-    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Fast path, the result of :meth:`_attend` as (B, C, H, W); see :class:`_ChunkedBiasedAttention`.
-        q: (B, C, H, W); k, v: (B, C, Hk, Wk); pos: (B*g, Ns, 2).
-
-        Heads are views of channels-last maps (the layout the LayerNorm before hands on), which the fused
-        kernel takes as they are: a copy of q to heads-first and of the output back cost about 5% of the layer.
-        """
-        batch, channels, height, width = q.shape
-        heads = self.num_heads
+    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                        height: int, width: int) -> torch.Tensor:
+        """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
+        batch_heads, dim, num_keys = k.shape
+        batch, heads = batch_heads // self.num_heads, self.num_heads
         # (x, y) order and the factor 1/2 of the displacement are applied once here, on the small tensors.
         query = self._query_grid(height, width, pos.device, pos.dtype).reshape(-1, 2).flip(-1) * 0.5
         keys = pos.flip(-1) * 0.5
 
-        def heads_split(t: torch.Tensor) -> torch.Tensor:   # (B, C, h, w) -> (B, heads, h*w, d), d contiguous
-            return t.permute(0, 2, 3, 1).contiguous().view(batch, -1, heads, channels // heads).transpose(1, 2)
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, heads, dim, -1).transpose(2, 3).contiguous()
 
-        out = _ChunkedBiasedAttention.apply(heads_split(q), heads_split(k), heads_split(v),
+        out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v),
                                             self.rpe_table, keys, query, self.groups, self.scale)
-        return out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
 
 
 def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.Tensor:
@@ -344,9 +341,9 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     :func:`attention_backward`, and the table and key-position gradients from the lookup's backward. No
     (queries, keys) tensor outlives its chunk, in either pass.
 
-    q: (B, heads, M, d); k, v: (B, heads, Ns, d), any strides with d contiguous; table: (heads, Th, Tw);
-    keys: (B*g, Ns, 2); query: (M, 2); keys and queries in (x, y) and halved, so that query - key is
-    grid_sample's grid. Returns (B, heads, M, d), a view of (B, M, heads, d).
+    q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
+    keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
+    Heads are viewed as (offset group, head in group), so that the lookup's batch entries are SDPA's.
     """
 
     @staticmethod
@@ -357,14 +354,13 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, keys, query, groups, scale):
-        batch, heads, queries, dim = q.shape
-        # Laid out as the fused kernel writes its output, (B, M, heads, d), so the chunks copy straight in.
-        out = q.new_empty(batch, queries, heads, dim).transpose(1, 2)
+        batch_groups, dim = keys.shape[0], q.shape[-1]
+        out = torch.empty_like(q)
+        q4, k4, v4, out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v, out))
         lookup = _lookup(table, keys, query, groups)
         for rows in _ChunkedBiasedAttention._chunks(q, k):
-            # The lookup's (B*g, heads/g, rows, Ns) is (B, heads, rows, Ns).
-            bias = lookup.bias(rows).view(batch, heads, -1, k.shape[2]).to(q.dtype)
-            out[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias, scale=scale)
+            out4[:, :, rows] = F.scaled_dot_product_attention(q4[:, :, rows], k4, v4,
+                                                              attn_mask=lookup.bias(rows).to(q.dtype), scale=scale)
         ctx.save_for_backward(q, k, v, table, keys, query, out)
         ctx.groups, ctx.scale = groups, scale
         return out
@@ -373,15 +369,18 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, table, keys, query, out = ctx.saved_tensors
-        batch, heads, queries, dim = q.shape
-        k3, v3 = (t.reshape(batch * heads, -1, dim) for t in (k, v))
+        batch_groups, dim = keys.shape[0], q.shape[-1]
+        k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
         grad_q = torch.empty_like(q)
+        q4, out4, grad_out4, grad_q4 = (t.view(batch_groups, -1, t.shape[2], dim)
+                                        for t in (q, out, grad_out, grad_q))
         grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
         lookup = _lookup(table, keys, query, ctx.groups)
         for rows in _ChunkedBiasedAttention._chunks(q, k):
-            q3, out3, grad_out3 = (t[:, :, rows].reshape(batch * heads, -1, dim) for t in (q, out, grad_out))
-            d_q, d_k, d_v, _ = attention_backward(q3, k3, v3, lookup.chunk(rows), out3, grad_out3, ctx.scale)
-            grad_q[:, :, rows] = d_q.view(batch, heads, -1, dim)
+            d_q, d_k, d_v, _ = attention_backward(
+                q4[:, :, rows].flatten(0, 1), k3, v3, lookup.chunk(rows), out4[:, :, rows].flatten(0, 1),
+                grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
+            grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
             grad_k += d_k
             grad_v += d_v
         grad_table, grad_keys = lookup.gradients()
