@@ -49,7 +49,7 @@ def test_fast_and_reference_paths_agree_in_fp32_on_a_detection_sized_map(layer):
     # rounding noise of about 1e-7 there, hence the absolute floor.
     for a, b in zip(*grads):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-5
-    with torch.no_grad():   # inference runs other code: the fused kernels, row by row for neighborhoods
+    with torch.no_grad():   # as inference runs: no autograd graph, nothing saved for a backward
         out = fast(x)
     out = out[0] if isinstance(out, tuple) else out
     assert (out - outs[1]).abs().max() / scale < 1e-5
