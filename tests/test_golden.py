@@ -11,7 +11,16 @@ from golden import GOLDEN_DIR, golden_model, load_bundle, loss_weights, rel_err,
 CASES = [('v1', '224x224_b2'), ('v1', '224x224_b1_grads'), ('pp', '224x224_b2'), ('pp', '224x224_b1_grads'),
          ('pp', '200x328_b1'), ('pp', '96x96_b1')]
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
-PATHS = pytest.mark.parametrize('reference', [False, True], ids=['fast', 'reference'])
+# The fast attention under each execution plan (dat_mm/models/layers/plan.py), and the plain reference path.
+PATHS = pytest.mark.parametrize('path', ['cpu-plan', 'device-plan', 'reference'])
+
+
+@pytest.fixture
+def reference(path, monkeypatch):
+    """Whether the path is the reference attention; the plan of a fast path is forced for the test."""
+    if path != 'reference':
+        monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', path.split('-')[0])
+    return path == 'reference'
 
 
 @PATHS
@@ -91,17 +100,26 @@ def test_bundle_weights_load_completely():
     assert loaded <= set(model.state_dict())
 
 
-@pytest.mark.parametrize('lookup', ['kernels', 'grid_sample'])
+@pytest.mark.parametrize('lookup', ['kernels', 'grid_sample', 'device-plan'])
 @pytest.mark.parametrize('name,case', [('v1', '224x224_b1_grads'), ('pp', '224x224_b1_grads')])
 def test_fast_path_split_into_many_chunks_matches_authors(name, case, lookup, monkeypatch):
-    from dat_mm.models.layers import deformable_attention
-    monkeypatch.setattr(deformable_attention, 'CHUNK_ELEMENTS', 4096)   # a few query rows per chunk
-    if lookup == 'grid_sample':   # as on CUDA, or on a CPU machine that cannot compile the kernels
-        monkeypatch.setattr(deformable_attention, '_cpu_kernels', lambda: None)
+    from dat_mm.models.layers import deformable_attention, deformable_bias
+    if lookup == 'device-plan':   # a bias budget of 64 KB: a few query rows per chunk
+        monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
+        monkeypatch.setenv('DAT_MM_BIAS_BUDGET_MB', str(64 / 1024))
+    else:
+        monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'cpu')
+        monkeypatch.setattr(deformable_attention, 'CHUNK_ELEMENTS', 4096)   # a few query rows per chunk
+    if lookup == 'grid_sample':   # the cpu plan on a CPU machine that cannot compile the kernels
+        monkeypatch.setattr(deformable_bias, 'available', lambda: False)
     model, bundle = golden_model(name)
     ref = bundle['cases'][case]
     x = ref['input'].double().requires_grad_()
+    calls = []
+    chunks = deformable_attention._chunks
+    monkeypatch.setattr(deformable_attention, '_chunks', lambda *args: calls.append(chunks(*args)) or calls[-1])
     outs = stage_outputs(model, x)
+    assert max(len(c) for c in calls) > 10
     assert max(rel_err(o, r) for o, r in zip(outs, ref['stage_outputs'])) < 1e-6
     sum((o * w).sum() for o, w in zip(outs, loss_weights(outs))).backward()
     assert rel_err(x.grad, ref['grad_input']) < 1e-5

@@ -6,7 +6,8 @@ import torch
 
 from dat_mm.models.layers import DeformableAttention, NeighborhoodAttention
 from dat_mm.models.layers.attention_backward import attention_backward
-from dat_mm.models.layers.deformable_attention import _cpu_kernels, _GridSampleLookup, _KernelLookup
+from dat_mm.models.layers import deformable_bias
+from dat_mm.models.layers.deformable_attention import _GridSampleLookup, _KernelLookup
 
 
 def test_attention_backward_equals_autograd_through_the_plain_formula():
@@ -21,10 +22,12 @@ def test_attention_backward_equals_autograd_through_the_plain_formula():
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize('plan', ['cpu', 'device'])
 @pytest.mark.parametrize('layer', ['deformable', 'neighborhood'])
-def test_fast_and_reference_paths_agree_in_fp32_on_a_detection_sized_map(layer):
+def test_fast_and_reference_paths_agree_in_fp32_on_a_detection_sized_map(layer, plan, monkeypatch):
     """fp32, batch 2, a map of stride 8 of a 1344x800 image cut to 100x168 (stage 2 of DAT++), in training and
-    in inference."""
+    in inference, under each execution plan."""
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
     torch.manual_seed(0)
     if layer == 'deformable':
         fast = DeformableAttention(128, 4, 2, stride=4, offset_kernel=7, offset_range_factor=-1,
@@ -60,8 +63,7 @@ def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype):
     """Both bias lookups on the same points, some of them off the table (DAT's bounded offsets can carry a
     key past the border: grid_sample reads zeros there), over two chunks of queries: the bias, and every
     gradient of the attention backward (the kernels fuse the bias into the softmax and its backward)."""
-    kernels = _cpu_kernels()
-    assert kernels is not None, 'the CPU kernels did not build'
+    assert deformable_bias.available(), 'the CPU kernels did not build'
     torch.manual_seed(0)
     groups, heads, batch, dim, num_keys = 2, 6, 2, 8, 40
     table = torch.randn(heads, 9, 13, dtype=dtype)
@@ -71,7 +73,7 @@ def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype):
     query = torch.stack([qx, qy], -1).reshape(-1, 2) * 0.5
     q, out, grad_out = (torch.randn(batch * heads, len(query), dim, dtype=dtype) for _ in range(3))
     k, v = (torch.randn(batch * heads, num_keys, dim, dtype=dtype) for _ in range(2))
-    lookups = [_KernelLookup(kernels, table, keys, query, groups), _GridSampleLookup(table, keys, query, groups)]
+    lookups = [_KernelLookup(table, keys, query, groups), _GridSampleLookup(table, keys, query, groups)]
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for rows in (slice(0, 30), slice(30, 77)):
         ours, theirs = (lookup.bias(rows) for lookup in lookups)
@@ -85,7 +87,7 @@ def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype):
         assert (ours - theirs).abs().max() < tol * theirs.abs().max()
 
 
-def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch):
+def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     from dat_mm.models.layers import deformable_attention
@@ -94,20 +96,19 @@ def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch):
         raise RuntimeError('no C++ compiler')
 
     monkeypatch.setattr(cpp_extension, 'load', no_compiler)
-    deformable_attention._cpu_kernels.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match='falls back to grid_sample.*no C\\+\\+ compiler'):
-            assert deformable_attention._cpu_kernels() is None
-        table, keys, query = torch.zeros(2, 3, 3), torch.zeros(1, 4, 2), torch.zeros(5, 2)
-        assert isinstance(deformable_attention._lookup(table, keys, query, 1),
-                          deformable_attention._GridSampleLookup)
-    finally:
-        deformable_attention._cpu_kernels.cache_clear()
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))   # no build there
+    monkeypatch.setattr(deformable_bias, '_available', None)
+    with pytest.warns(UserWarning, match='falls back to grid_sample.*no C\\+\\+ compiler'):
+        assert not deformable_bias.available()
+    table, keys, query = torch.zeros(2, 3, 3), torch.zeros(1, 4, 2), torch.zeros(5, 2)
+    assert isinstance(deformable_attention._lookup(table, keys, query, 1, 'cpu'), _GridSampleLookup)
 
 
-def test_neighborhood_attention_under_bf16_autocast_sums_its_table_gradient_in_fp32():
+@pytest.mark.parametrize('plan', ['cpu', 'device'])
+def test_neighborhood_attention_under_bf16_autocast_sums_its_table_gradient_in_fp32(plan, monkeypatch):
     """The tiled path attends in bf16 under autocast, but the table's gradient, a sum over every tile of the
     map, must not be rounded to bf16 along the way (it was off by 2.3% when it was)."""
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
     torch.manual_seed(0)
     fast = NeighborhoodAttention(64, 2)
     torch.nn.init.normal_(fast.rpb, std=0.5)

@@ -4,7 +4,9 @@ Each measurement runs in its own process (batch 1). Peak memory is what the firs
 model and input (on CUDA torch's peak allocation; on CPU the peak resident set size, reset through
 /proc/self/clear_refs); the time is the median of --reps further passes. Swin-T is mmdet's backbone, or
 timm's where mmdet does not import (a GPU machine with mmcv-lite); the table gives each DAT row's time and
-memory as multiples of Swin-T's at the same size, pass and precision.
+memory as multiples of Swin-T's at the same size, pass and precision. The fast DAT rows run the device's own
+attention plan (dat_mm/models/layers/plan.py: cpu on CPU, device on CUDA); ``--plans`` adds or picks others,
+whose rows say so: on CUDA both plans are timed by default.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
     python tools/analysis/benchmark.py --sizes 1344x800 --dtypes fp32 bf16 --device cuda
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 SWIN = 'Swin-T'
@@ -31,12 +34,21 @@ MODELS = {
 DTYPES = {'fp32': None, 'bf16': 'bfloat16'}
 
 
-def _rss_mb(field: str) -> float:
+def rss_mb(field: str) -> float:
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith(field):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(field)
+
+
+def backbone(kwargs: Optional[dict], height: int, width: int):
+    """(DAT(**kwargs), None), or (Swin-T, where it comes from) for kwargs None."""
+    sys.path.insert(0, str(ROOT))
+    if kwargs is None:
+        return swin_tiny(height, width)
+    from dat_mm import DAT
+    return DAT(**kwargs), None
 
 
 def swin_tiny(height: int, width: int):
@@ -55,13 +67,7 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     import contextlib
 
     import torch
-    sys.path.insert(0, str(ROOT))
-    source = None
-    if MODELS[name] is None:
-        model, source = swin_tiny(height, width)
-    else:
-        from dat_mm import DAT
-        model = DAT(**MODELS[name])
+    model, source = backbone(MODELS[name], height, width)
     model.to(device)
     model.train(backward)   # mmdet's Swin returns None from train(): no chaining
     x = torch.randn(1, 3, height, width, device=device)
@@ -90,9 +96,9 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     else:
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')   # resets the peak RSS to the current RSS
-        base = _rss_mb('VmRSS')
+        base = rss_mb('VmRSS')
     step()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else _rss_mb('VmHWM') - base
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else rss_mb('VmHWM') - base
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -101,9 +107,9 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     return dict(seconds=statistics.median(times), peak_mb=peak, source=source)
 
 
-def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str) -> dict:
+def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str, plan: str) -> dict:
     cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device, dtype])]
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    env = dict(os.environ, PYTHONWARNINGS='ignore', DAT_MM_ATTENTION_PLAN=plan)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:80])
@@ -119,6 +125,8 @@ def main() -> int:
     parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES),
                         help='bf16: under torch.autocast')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--plans', nargs='+', choices=['cpu', 'device'],
+                        help="attention plans of the fast DAT rows (default: the device's own; on CUDA both)")
     parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -127,24 +135,29 @@ def main() -> int:
 
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    runs = [(size, mode, dtype, name) for size in args.sizes for mode in args.modes for dtype in args.dtypes
-            for name in args.models]
+    own = 'cpu' if device == 'cpu' else 'device'
+    plans = args.plans or ([own] if own == 'cpu' else ['device', 'cpu'])
+    # (label, model, plan): the plan matters to the fast attention only; a row not in the device's own plan says so.
+    rows = [(name if plan == own else f'{name} ({plan} plan)', name, plan) for name in args.models
+            for plan in (plans if name.endswith('fast') else [own])]
+    runs = [(size, mode, dtype, row) for size in args.sizes for mode in args.modes for dtype in args.dtypes
+            for row in rows]
     if device.startswith('cuda') and not torch.cuda.is_available():
         # A dry run: shows on a CPU-only machine what the GPU run will measure, and measures nothing.
         print(f'dry run: --device {device} needs a GPU, and torch {torch.__version__} sees none. On a GPU machine '
               'this would measure:')
-        for size, mode, dtype, name in runs:
-            print(f'  {size:>9} {mode:<7} {dtype} {name}')
+        for size, mode, dtype, (label, _, _) in runs:
+            print(f'  {size:>9} {mode:<7} {dtype} {label}')
         return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}', flush=True)
     results = {}
-    for size, mode, dtype, name in runs:
+    for size, mode, dtype, (label, name, plan) in runs:
         w, h = map(int, size.lower().split('x'))
-        r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype)
-        results[size, mode, dtype, name] = r
+        r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan)
+        results[size, mode, dtype, label] = r
         shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
-        print(f'  {size:>9} {mode:<7} {dtype} {name:<20} {shown}', flush=True)
+        print(f'  {size:>9} {mode:<7} {dtype} {label:<20} {shown}', flush=True)
 
     print('\n| size | pass | precision | model | time (s) | peak memory (MB) | time / Swin-T | memory / Swin-T '
           '| fast vs ref: speed-up |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
@@ -155,8 +168,8 @@ def main() -> int:
         swin = results.get((size, mode, dtype, SWIN), {})
         vs_swin = (f"{r['seconds'] / swin['seconds']:.2f}x | {r['peak_mb'] / max(swin['peak_mb'], 1e-9):.2f}x"
                    if 'seconds' in swin and name != SWIN else ' | ')
-        ref = results.get((size, mode, dtype, name.replace('fast', 'ref')), {})
-        speedup = f"{ref['seconds'] / r['seconds']:.2f}x" if name.endswith('fast') and 'seconds' in ref else ''
+        ref = results.get((size, mode, dtype, name.split(' fast')[0] + ' ref'), {})
+        speedup = f"{ref['seconds'] / r['seconds']:.2f}x" if ' fast' in name and 'seconds' in ref else ''
         label = f"{name} ({r['source']})" if r.get('source') else name
         print(f"| {size} | {mode} | {dtype} | {label} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {vs_swin} "
               f"| {speedup} |")

@@ -1,17 +1,13 @@
-import functools
-import hashlib
-import platform
-import warnings
-from pathlib import Path
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import print_log
 from torch import nn
 
+from . import deformable_bias
 from .attention_backward import DenseBias, attention_backward
 from .norm import LayerNorm2d
+from .plan import attention_plan, bias_budget_bytes, size_cached
 
 
 def _grid(height: int, width: int, shift: float, by_last_index: bool, device: torch.device,
@@ -28,7 +24,24 @@ def _grid(height: int, width: int, shift: float, by_last_index: bool, device: to
     return torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=-1)
 
 
-# Elements of one chunk's (batch * heads, queries, keys) bias in the fast path: 4 MB in fp32. Measured on
+def _query_grid(height: int, width: int, version: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H*W, 2) query positions, (y, x) in [-1, 1]: pixel centres in DAT, i / (n - 1) in DAT++."""
+    return _grid(height, width, 0.5 if version == 1 else 0.0, version == 2, device, dtype).reshape(-1, 2)
+
+
+def _query_points(height: int, width: int, version: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The query positions as the fast path's lookups take them: (x, y) order, halved."""
+    return _query_grid(height, width, version, device, dtype).flip(-1) * 0.5
+
+
+def _reference_points(height: int, width: int, version: int, device: torch.device, dtype: torch.dtype
+                      ) -> torch.Tensor:
+    """(Hk, Wk, 2) key reference points, (y, x) in [-1, 1]: pixel centres in DAT; DAT++ divides by n - 1
+    instead of n, which shifts its grid by half a cell."""
+    return _grid(height, width, 0.5, version == 2, device, dtype)
+
+
+# Elements of one chunk's (batch * heads, queries, keys) bias in the cpu plan: 4 MB in fp32. Measured on
 # CPU (2 cores) at 1344x800: 0.5 to 8 MB chunks run within 10% of each other, 64 MB ones 3x slower.
 CHUNK_ELEMENTS = 1 << 20
 
@@ -91,15 +104,6 @@ class DeformableAttention(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
 
-    def _reference_points(self, hk: int, wk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(Hk, Wk, 2) key reference points, (y, x) in [-1, 1]: pixel centres in DAT; DAT++ divides by
-        n - 1 instead of n, which shifts its grid by half a cell."""
-        return _grid(hk, wk, 0.5, self.version == 2, device, dtype)
-
-    def _query_grid(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(H, W, 2) query positions, (y, x) in [-1, 1]: pixel centres in DAT, i / (n - 1) in DAT++."""
-        return _grid(h, w, 0.5 if self.version == 1 else 0.0, self.version == 2, device, dtype)
-
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W). Returns the output (B, C, H, W), the sampling positions and their reference
         points, both (B, groups, Hk, Wk, 2) in (y, x) order, normalised to [-1, 1]."""
@@ -111,7 +115,7 @@ class DeformableAttention(nn.Module):
         offset = self._offsets(q)
         hk, wk = offset.shape[2:]
         offset = offset.permute(0, 2, 3, 1).to(cdtype)            # (B*g, Hk, Wk, 2)
-        ref = self._reference_points(hk, wk, x.device, cdtype)
+        ref = size_cached(_reference_points, hk, wk, self.version, x.device, cdtype)
         if self.offset_range_factor >= 0:
             # Scaled per axis with Python arithmetic on hk, wk (not a new tensor), so that an ONNX trace keeps
             # the scale a function of the input size instead of a constant.
@@ -121,8 +125,9 @@ class DeformableAttention(nn.Module):
         else:
             pos = (ref + offset).clamp(-1.0, 1.0)
 
+        pos_xy = pos.flip(-1)   # grid_sample's order, for the keys and for the bias
         sampled = F.grid_sample(x.reshape(batch * groups, channels // groups, height, width).to(cdtype),
-                                pos.flip(-1), mode='bilinear', align_corners=True).to(x.dtype)
+                                pos_xy, mode='bilinear', align_corners=True).to(x.dtype)
         sampled = sampled.reshape(batch, channels, hk, wk)
         num_keys = hk * wk
         k = self.proj_k(sampled).reshape(batch * heads, -1, num_keys)
@@ -130,7 +135,7 @@ class DeformableAttention(nn.Module):
         q = q.reshape(batch * heads, -1, height * width)
 
         attend = self._attend if self.reference else self._attend_chunked
-        out = attend(q, k, v, pos.reshape(batch * groups, num_keys, 2), height, width)
+        out = attend(q, k, v, pos_xy.reshape(batch * groups, num_keys, 2), height, width)
         out = self.proj_out(out.reshape(batch, channels, height, width))
         return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
 
@@ -145,20 +150,20 @@ class DeformableAttention(nn.Module):
         return self.conv_offset[1:](hidden.reshape(-1, conv.out_channels, *hidden.shape[2:]))
 
     def _bias(self, query: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """(B*heads, M, Ns) bias of M query positions (M, 2) towards the keys at pos (B*g, Ns, 2)."""
+        """(B*heads, M, Ns) bias of M query positions (M, 2) towards the keys at pos (B*g, Ns, 2), both (x, y)."""
         displacement = (query[None, :, None] - pos[:, None]) * 0.5                 # (B*g, M, Ns, 2)
         bias = F.grid_sample(_group_tables(self.rpe_table.to(pos.dtype), pos.shape[0], self.groups),
-                             displacement.flip(-1), mode='bilinear', align_corners=True)
+                             displacement, mode='bilinear', align_corners=True)
         return bias.reshape(-1, query.shape[0], pos.shape[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                 height: int, width: int) -> torch.Tensor:
-        """Reference path. q: (B*heads, d, HW); k, v: (B*heads, d, Ns); pos: (B*g, Ns, 2).
+        """Reference path. q: (B*heads, d, HW); k, v: (B*heads, d, Ns); pos: (B*g, Ns, 2), the keys' (x, y).
 
         Returns (B*heads, d, HW).
         """
         scores = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
-        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(-1, 2)
+        query = _query_grid(height, width, self.version, pos.device, pos.dtype).flip(-1)
         scores = scores + self._bias(query, pos).to(scores.dtype)
         return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)
 
@@ -167,15 +172,15 @@ class DeformableAttention(nn.Module):
         """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
         batch_heads, dim, num_keys = k.shape
         batch, heads = batch_heads // self.num_heads, self.num_heads
-        # (x, y) order and the factor 1/2 of the displacement are applied once here, on the small tensors.
-        query = self._query_grid(height, width, pos.device, pos.dtype).reshape(-1, 2).flip(-1) * 0.5
-        keys = pos.flip(-1) * 0.5
+        # (x, y) order and the factor 1/2 of the displacement are applied once, on the small tensors.
+        query = size_cached(_query_points, height, width, self.version, pos.device, pos.dtype)
+        keys = pos * 0.5
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, heads, dim, -1).transpose(2, 3).contiguous()
 
-        out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v),
-                                            self.rpe_table, keys, query, self.groups, self.scale)
+        out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v), self.rpe_table, keys,
+                                            query, self.groups, self.scale, attention_plan(q.device))
         return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
 
 
@@ -184,40 +189,6 @@ def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.
     = B*g, as grid_sample takes them."""
     table = table.reshape(groups, -1, *table.shape[1:]).expand(batch_groups // groups, -1, -1, -1, -1)
     return table.reshape(batch_groups, -1, *table.shape[3:])
-
-
-def _cpu_flags() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((line for line in f if line.startswith('flags')), '')
-    except OSError:
-        return platform.processor()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_kernels():
-    """The table-lookup kernels of deformable_bias.cpp, compiled on first use (30-60 s, once per machine
-    and torch version; torch keeps the build under ``TORCH_EXTENSIONS_DIR``). None where they cannot be
-    built, with a warning: the grid_sample lookup does the same, slower."""
-    from torch.utils import cpp_extension
-    # -march=native: the build is named after the CPU's features, so that a home directory shared by
-    # different machines never hands one of them another's instructions.
-    name = 'dat_mm_deformable_bias_' + hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]
-    source = Path(__file__).with_name('deformable_bias.cpp')
-    try:
-        built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f'{name}*.so'))
-    except Exception:   # a private helper of torch's, used only to announce a build
-        built = False
-    if not built:
-        print_log('dat_mm: compiling the deformable-attention CPU kernels (once per machine, about a minute)',
-                  logger='current')
-    try:
-        return cpp_extension.load(name, [str(source)], extra_cflags=['-O3', '-march=native', '-fno-trapping-math',
-                                                                     '-fopenmp'], extra_ldflags=['-fopenmp'])
-    except Exception as err:   # no compiler, no ninja, an unsupported platform: all leave the slow lookup
-        warnings.warn(f'dat_mm: the deformable-attention CPU kernels could not be built, so the position bias '
-                      f'falls back to grid_sample (the same numbers; DAT-T++ trains about 1.45x slower on CPU): {err}')
-        return None
 
 
 class _KernelLookup:
@@ -230,8 +201,8 @@ class _KernelLookup:
     which collects the gradients that ``gradients()`` returns, summed over all chunks.
     """
 
-    def __init__(self, kernels, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
-        self.kernels, self.table_shape = kernels, table.shape
+    def __init__(self, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
+        self.table_shape = table.shape
         th, tw = table.shape[1:]
         self.query = query.t().contiguous()           # (2, M)
         self.keys = keys.permute(2, 0, 1).contiguous()   # (2, B*g, Ns)
@@ -244,10 +215,14 @@ class _KernelLookup:
         return self.table, self.query[0, rows], self.query[1, rows], self.keys[0], self.keys[1]
 
     def bias(self, rows: slice) -> torch.Tensor:
-        size = self.keys.shape[1] * self.table.shape[1] * (rows.stop - rows.start) * self.keys.shape[2]
+        # One buffer serves every chunk of the call: a fresh allocation per chunk costs its page faults.
+        shape = (self.keys.shape[1], self.table.shape[1], rows.stop - rows.start, self.keys.shape[2])
+        size = shape[0] * shape[1] * shape[2] * shape[3]
         if self.buffer.numel() < size:   # the first chunk, which is the largest
             self.buffer = self.keys.new_empty(size)
-        return self.kernels.bias(*self.coords(rows), self.buffer)
+        out = self.buffer[:size].view(shape)
+        torch.ops.dat_mm.deformable_bias_out(*self.coords(rows), out)
+        return out
 
     def chunk(self, rows: slice) -> '_KernelChunk':
         return _KernelChunk(self, rows)
@@ -269,12 +244,12 @@ class _KernelChunk:
 
     def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         scores = torch.bmm(q, k.transpose(1, 2))
-        self.lookup.kernels.biased_softmax_(*self.lookup.coords(self.rows), scale, scores)
+        torch.ops.dat_mm.deformable_biased_softmax_(*self.lookup.coords(self.rows), scale, scores)
         return scores
 
     def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        grad_table, grad_keys = self.lookup.kernels.biased_softmax_backward_(*self.lookup.coords(self.rows), probs,
-                                                                             delta, grad_probs)
+        grad_table, grad_keys = torch.ops.dat_mm.deformable_biased_softmax_backward_(
+            *self.lookup.coords(self.rows), probs, delta, grad_probs)
         self.lookup.grad_table = self.lookup.grad_table + grad_table
         self.lookup.grad_keys = self.lookup.grad_keys + grad_keys
         return grad_probs
@@ -289,6 +264,11 @@ class _GridSampleChunk(DenseBias):
         super().__init__(bias.flatten(0, 1))
         self.lookup, self.rows, self.shape = lookup, rows, bias.shape
 
+    def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        probs = super().probs(q, k, scale)
+        self.bias = None   # a (queries, keys) tensor less while the gradients are formed
+        return probs
+
     def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         grad_s = super().grad_scores(probs, grad_probs, delta)
         self.lookup.add_gradient(self.rows, grad_s.view(self.shape))
@@ -296,13 +276,13 @@ class _GridSampleChunk(DenseBias):
 
 
 class _GridSampleLookup:
-    """The same reads through grid_sample on each chunk's (B*g, M, Ns, 2) grid: the path on CUDA, whose
-    grid_sample kernels are fast, and on CPU where the kernels cannot be built."""
+    """The same reads through grid_sample on each chunk's (B*g, M, Ns, 2) grid: the device plan's lookup
+    (CUDA's grid_sample kernels are fast), and the cpu plan's where the kernels cannot be built."""
 
     def __init__(self, table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
         self.table_shape, self.keys, self.query = table.shape, keys, query
         self.tables = _group_tables(table.to(keys.dtype), keys.shape[0], groups)
-        self.grad_tables, self.grad_keys = torch.zeros_like(self.tables), torch.zeros_like(keys)
+        self.grad_tables = self.grad_grid = None
 
     def _grid(self, rows: slice) -> torch.Tensor:
         return self.query[None, rows, None] - self.keys[:, None]
@@ -311,24 +291,43 @@ class _GridSampleLookup:
         return F.grid_sample(self.tables, self._grid(rows), mode='bilinear', align_corners=True)
 
     def add_gradient(self, rows: slice, grad: torch.Tensor) -> None:
-        # Called directly: autograd through the grid would add a pass to negate and sum its gradient.
+        # Called directly: autograd through the grid would add a pass to negate and sum its gradient. The grid
+        # is built again rather than kept from the bias: it is as large as the bias of one group's heads.
         d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(grad, self.tables, self._grid(rows), 0, 0, True,
                                                                    [True, True])
-        self.grad_tables += d_tables
-        self.grad_keys -= d_grid.sum(1)
+        d_grid = d_grid.sum(1)
+        if self.grad_tables is None:
+            self.grad_tables, self.grad_grid = d_tables, d_grid
+        else:
+            self.grad_tables += d_tables
+            self.grad_grid += d_grid
 
     def chunk(self, rows: slice) -> _GridSampleChunk:
         return _GridSampleChunk(self, rows)
 
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_keys
+        # The grid is query - key.
+        return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_grid.neg()
 
 
-def _lookup(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int):
-    kernels = None if keys.is_cuda else _cpu_kernels()
-    if kernels is None:
-        return _GridSampleLookup(table, keys, query, groups)
-    return _KernelLookup(kernels, table, keys, query, groups)
+def _lookup(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int, plan: str):
+    if plan == 'cpu' and keys.device.type == 'cpu' and deformable_bias.available():
+        return _KernelLookup(table, keys, query, groups)
+    return _GridSampleLookup(table, keys, query, groups)
+
+
+def _chunks(q: torch.Tensor, k: torch.Tensor, bias_dtype: torch.dtype, plan: str) -> List[slice]:
+    """Slices of the M queries of q (B, heads, M, d) towards the Ns keys of k: blocks of CHUNK_ELEMENTS bias
+    elements in the cpu plan, as few as the bias budget allows in the device plan."""
+    batch, heads, queries, _ = q.shape
+    per_query = batch * heads * k.shape[2]
+    if plan == 'cpu':
+        step = max(1, CHUNK_ELEMENTS // per_query)
+    else:
+        itemsize = torch.empty((), dtype=bias_dtype, device='meta').element_size()
+        count = max(1, -(-per_query * queries * itemsize // bias_budget_bytes()))
+        step = -(-queries // count)
+    return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 
 
 class _ChunkedBiasedAttention(torch.autograd.Function):
@@ -339,7 +338,8 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     the math path, measured 3x slower on CPU, with a safe-softmax that adds four passes over the scores).
     Backward recomputes a chunk's bias, gets dq, dk, dv and the bias gradient from
     :func:`attention_backward`, and the table and key-position gradients from the lookup's backward. No
-    (queries, keys) tensor outlives its chunk, in either pass.
+    (queries, keys) tensor outlives its chunk, in either pass. The plan sets the chunks (see :func:`_chunks`)
+    and the lookup: the cpu plan's compiled kernels where they exist, else grid_sample.
 
     q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
     keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
@@ -347,22 +347,22 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _chunks(q: torch.Tensor, k: torch.Tensor):
-        batch, heads, queries, _ = q.shape
-        step = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))
-        return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
-
-    @staticmethod
-    def forward(ctx, q, k, v, table, keys, query, groups, scale):
+    def forward(ctx, q, k, v, table, keys, query, groups, scale, plan):
         batch_groups, dim = keys.shape[0], q.shape[-1]
-        out = torch.empty_like(q)
-        q4, k4, v4, out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v, out))
-        lookup = _lookup(table, keys, query, groups)
-        for rows in _ChunkedBiasedAttention._chunks(q, k):
-            out4[:, :, rows] = F.scaled_dot_product_attention(q4[:, :, rows], k4, v4,
-                                                              attn_mask=lookup.bias(rows).to(q.dtype), scale=scale)
+        q4, k4, v4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v))
+        lookup = _lookup(table, keys, query, groups, plan)
+        chunks = _chunks(q, k, keys.dtype, plan)
+        if len(chunks) == 1:
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=lookup.bias(chunks[0]).to(q.dtype),
+                                                 scale=scale).view_as(q)
+        else:
+            out = torch.empty_like(q)
+            out4 = out.view_as(q4)
+            for rows in chunks:
+                out4[:, :, rows] = F.scaled_dot_product_attention(
+                    q4[:, :, rows], k4, v4, attn_mask=lookup.bias(rows).to(q.dtype), scale=scale)
         ctx.save_for_backward(q, k, v, table, keys, query, out)
-        ctx.groups, ctx.scale = groups, scale
+        ctx.groups, ctx.scale, ctx.plan = groups, scale, plan
         return out
 
     @staticmethod
@@ -371,18 +371,21 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         q, k, v, table, keys, query, out = ctx.saved_tensors
         batch_groups, dim = keys.shape[0], q.shape[-1]
         k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
-        grad_q = torch.empty_like(q)
-        q4, out4, grad_out4, grad_q4 = (t.view(batch_groups, -1, t.shape[2], dim)
-                                        for t in (q, out, grad_out, grad_q))
-        grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
-        lookup = _lookup(table, keys, query, ctx.groups)
-        for rows in _ChunkedBiasedAttention._chunks(q, k):
+        q4, out4, grad_out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, out, grad_out))
+        lookup = _lookup(table, keys, query, ctx.groups, ctx.plan)
+        chunks = _chunks(q, k, keys.dtype, ctx.plan)
+        grad_q = torch.empty_like(q) if len(chunks) > 1 else None
+        grad_k = grad_v = None
+        for rows in chunks:
             d_q, d_k, d_v, _ = attention_backward(
                 q4[:, :, rows].flatten(0, 1), k3, v3, lookup.chunk(rows), out4[:, :, rows].flatten(0, 1),
                 grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
-            grad_q4[:, :, rows] = d_q.view_as(grad_q4[:, :, rows])
-            grad_k += d_k
-            grad_v += d_v
+            if grad_q is None:   # a single chunk
+                grad_q = d_q.view_as(q)
+            else:
+                grad_q.view_as(q4)[:, :, rows] = d_q.view_as(q4[:, :, rows])
+            grad_k = d_k if grad_k is None else grad_k.add_(d_k)
+            grad_v = d_v if grad_v is None else grad_v.add_(d_v)
         grad_table, grad_keys = lookup.gradients()
         return (grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table.to(table.dtype), grad_keys,
-                None, None, None)
+                None, None, None, None)

@@ -11,15 +11,17 @@
 // needs no test per corner: a point with any corner outside the padded table lies wholly outside the
 // table (all four corners zero) and is moved to the padding's top-left cell with zero fractions.
 //
-// Built by deformable_attention.py on first use, with -march=native and -fno-trapping-math (which lets the
-// float-to-int conversions vectorise).
-#include <torch/extension.h>
-
+// Registered as operators of the dat_mm namespace (torch.ops.dat_mm.*), so that torch.compile traces each
+// call as one node; their schemas and fake kernels are in deformable_bias.py, which builds this file with
+// -march=native and -fno-trapping-math (which lets the float-to-int conversions vectorise).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -198,8 +200,8 @@ struct Shape {
   int64_t plane() const { return (th + 2) * (tw + 2); }
 };
 
-Shape shape_of(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
-               const torch::Tensor& kx, const torch::Tensor& ky) {
+Shape shape_of(const at::Tensor& table, const at::Tensor& qx, const at::Tensor& qy,
+               const at::Tensor& kx, const at::Tensor& ky) {
   TORCH_CHECK(table.dim() == 4 && qx.dim() == 1 && kx.dim() == 2, "deformable bias: bad ranks");
   for (const auto* t : {&table, &qx, &qy, &kx, &ky}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == table.scalar_type(),
@@ -210,9 +212,9 @@ Shape shape_of(const torch::Tensor& table, const torch::Tensor& qx, const torch:
   return {kx.size(0), table.size(0), table.size(1), table.size(2) - 2, table.size(3) - 2, qx.size(0), kx.size(1)};
 }
 
-void check_scores(const torch::Tensor& t, const torch::Tensor& table, const Shape& s) {
+void check_scores(const at::Tensor& t, const at::Tensor& table, const Shape& s) {
   TORCH_CHECK(t.is_contiguous() && t.scalar_type() == table.scalar_type() &&
-                  t.sizes() == torch::IntArrayRef({s.batch_groups * s.heads, s.queries, s.keys}),
+                  t.sizes() == at::IntArrayRef({s.batch_groups * s.heads, s.queries, s.keys}),
               "deformable bias: scores or their gradient of the wrong shape or dtype");
 }
 
@@ -297,26 +299,24 @@ void softmax_backward_kernel(const T* table, const T* qx, const T* qy, const T* 
 }  // namespace
 
 // table: (groups, heads per group, Th + 2, Tw + 2), zero-padded; qx, qy: (M,); kx, ky: (B * groups, N).
-// Writes the bias (B * groups, heads per group, M, N) into the start of ``buffer`` and returns it: one
-// buffer serves every chunk of a layer, instead of a fresh allocation (and its page faults) per chunk.
-torch::Tensor bias(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
-                   const torch::Tensor& kx, const torch::Tensor& ky, torch::Tensor& buffer) {
+// Writes the bias (B * groups, heads per group, M, N) into ``out``: the caller hands every chunk of a layer
+// a view of one buffer, instead of a fresh allocation (and its page faults) per chunk.
+void bias_out(const at::Tensor& table, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& kx,
+              const at::Tensor& ky, const at::Tensor& out) {
   const Shape s = shape_of(table, qx, qy, kx, ky);
-  const int64_t numel = s.batch_groups * s.heads * s.queries * s.keys;
-  TORCH_CHECK(buffer.is_contiguous() && buffer.scalar_type() == table.scalar_type() && buffer.numel() >= numel,
-              "deformable bias: buffer too small or of the wrong dtype");
-  auto out = buffer.view(-1).narrow(0, 0, numel).view({s.batch_groups, s.heads, s.queries, s.keys});
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == table.scalar_type() &&
+                  out.sizes() == at::IntArrayRef({s.batch_groups, s.heads, s.queries, s.keys}),
+              "deformable bias: out of the wrong shape or dtype");
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_bias", [&] {
     bias_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
                           kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), s);
   });
-  return out;
 }
 
 // scores: q k^T of the chunk's queries, (B * groups * heads per group, M, N); replaced in place by the
 // attention probabilities softmax(scale * scores + bias).
-void biased_softmax_(const torch::Tensor& table, const torch::Tensor& qx, const torch::Tensor& qy,
-                     const torch::Tensor& kx, const torch::Tensor& ky, double scale, torch::Tensor& scores) {
+void biased_softmax_(const at::Tensor& table, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& kx,
+                     const at::Tensor& ky, double scale, const at::Tensor& scores) {
   const Shape s = shape_of(table, qx, qy, kx, ky);
   check_scores(scores, table, s);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax", [&] {
@@ -330,10 +330,10 @@ void biased_softmax_(const torch::Tensor& table, const torch::Tensor& qx, const 
 // delta: rowsum(dO * O), (B * groups * heads per group, M). Returns the padded table's gradient and the
 // gradient (B * groups, 2, N) of the keys' cell index, x then y: the keys' own is -(Tw - 1) / 2 and
 // -(Th - 1) / 2 times it.
-std::vector<torch::Tensor> biased_softmax_backward_(const torch::Tensor& table, const torch::Tensor& qx,
-                                                    const torch::Tensor& qy, const torch::Tensor& kx,
-                                                    const torch::Tensor& ky, const torch::Tensor& probs,
-                                                    const torch::Tensor& delta, torch::Tensor& grad) {
+std::tuple<at::Tensor, at::Tensor> biased_softmax_backward_(const at::Tensor& table, const at::Tensor& qx,
+                                                            const at::Tensor& qy, const at::Tensor& kx,
+                                                            const at::Tensor& ky, const at::Tensor& probs,
+                                                            const at::Tensor& delta, const at::Tensor& grad) {
   const Shape s = shape_of(table, qx, qy, kx, ky);
   check_scores(probs, table, s);
   check_scores(grad, table, s);
@@ -341,8 +341,8 @@ std::vector<torch::Tensor> biased_softmax_backward_(const torch::Tensor& table, 
                   delta.numel() == s.batch_groups * s.heads * s.queries,
               "deformable bias: delta of the wrong shape or dtype");
   const int64_t threads = at::get_num_threads();
-  auto grad_table = torch::zeros({threads, s.groups, s.heads, s.th + 2, s.tw + 2}, table.options());
-  auto grad_keys = torch::zeros({threads, s.batch_groups, 2, s.keys}, table.options());
+  auto grad_table = at::zeros({threads, s.groups, s.heads, s.th + 2, s.tw + 2}, table.options());
+  auto grad_keys = at::zeros({threads, s.batch_groups, 2, s.keys}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax_backward", [&] {
     softmax_backward_kernel<scalar_t>(
         table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(), kx.data_ptr<scalar_t>(),
@@ -352,8 +352,18 @@ std::vector<torch::Tensor> biased_softmax_backward_(const torch::Tensor& table, 
   return {grad_table.sum(0), grad_keys.sum(0)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bias", &bias, "the position bias of a chunk of queries (CPU)");
-  m.def("biased_softmax_", &biased_softmax_, "softmax(scale * scores + bias), in place");
-  m.def("biased_softmax_backward_", &biased_softmax_backward_, "its backward: scores', table and key gradients");
+// The schemas mark what each operator writes (a!), so that torch.compile's functionalisation keeps the
+// writes in order.
+TORCH_LIBRARY(dat_mm, m) {
+  m.def("deformable_bias_out(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, Tensor(a!) out) -> ()");
+  m.def("deformable_biased_softmax_(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, float scale, "
+        "Tensor(a!) scores) -> ()");
+  m.def("deformable_biased_softmax_backward_(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, "
+        "Tensor probs, Tensor delta, Tensor(a!) grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dat_mm, CPU, m) {
+  m.impl("deformable_bias_out", &bias_out);
+  m.impl("deformable_biased_softmax_", &biased_softmax_);
+  m.impl("deformable_biased_softmax_backward_", &biased_softmax_backward_);
 }

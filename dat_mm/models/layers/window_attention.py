@@ -4,6 +4,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .plan import size_cached
+
+
+def _shift_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """(num_windows, w*w, w*w) additive mask of the shifted windows of a (height, width) map, -100 between
+    tokens of different regions."""
+    region = torch.zeros(height, width, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for hs in bounds:
+        for ws in bounds:
+            region[hs, ws] = label
+            label += 1
+    region = region.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1, window ** 2)
+    return (region[:, :, None] != region[:, None, :]).float() * -100.0
+
 
 class WindowAttention(nn.Module):
     """Swin window attention over 7x7 windows, optionally on a shifted grid ('L' and 'S' blocks of DAT v1).
@@ -28,19 +44,6 @@ class WindowAttention(nn.Module):
         # Recomputed, never loaded: checkpoints carry it but it is a pure function of the window size.
         self.register_buffer('relative_position_index', index, persistent=False)
 
-    def _shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """(num_windows, w*w, w*w) additive mask, -100 between tokens of different regions."""
-        w, s = self.window_size, self.shift
-        region = torch.zeros(height, width, device=device)
-        bounds = (slice(0, -w), slice(-w, -s), slice(-s, None))
-        label = 0
-        for hs in bounds:
-            for ws in bounds:
-                region[hs, ws] = label
-                label += 1
-        region = region.view(height // w, w, width // w, w).transpose(1, 2).reshape(-1, w * w)
-        return (region[:, :, None] != region[:, None, :]).float() * -100.0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         batch, channels, height, width = x.shape
@@ -55,7 +58,7 @@ class WindowAttention(nn.Module):
         # 4-D, as the fused SDPA kernel takes a mask; it runs where the mask needs no gradient (inference).
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]
         if self.shift:
-            mask = self._shift_mask(hp, wp, x.device).to(bias.dtype)
+            mask = size_cached(_shift_mask, hp, wp, w, self.shift, x.device).to(bias.dtype)
             bias = (bias + mask[:, None]).repeat(batch, 1, 1, 1)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(qkv.dtype))
         out = self.proj_out(out.transpose(1, 2).reshape(-1, w * w, channels))

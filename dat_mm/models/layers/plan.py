@@ -1,0 +1,71 @@
+"""How the attention layers run: which execution plan, and the index tensors that depend on map sizes alone.
+
+Two plans compute the same numbers:
+
+- ``'cpu'``: loops over small blocks of queries (deformable attention) and rows of tiles (neighborhood
+  attention), sized for a few CPU cores' caches. On a GPU each op of such a loop is a kernel launch, tens of
+  thousands per training step.
+- ``'device'``: each attention layer as a handful of whole-tensor ops, looping over query chunks only where
+  one layer's deformable bias would pass ``DAT_MM_BIAS_BUDGET_MB`` (default 1024). No op reads a tensor's
+  value back to the host, and the backbone compiles into one graph (``torch.compile(fullgraph=True)``).
+
+CUDA runs the device plan, CPU the cpu plan; ``DAT_MM_ATTENTION_PLAN=device|cpu`` forces one on any device,
+so that the GPU's code path can be tested and its ops counted on a CPU.
+"""
+import os
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+PLAN_VARIABLE = 'DAT_MM_ATTENTION_PLAN'
+BUDGET_VARIABLE = 'DAT_MM_BIAS_BUDGET_MB'
+PLANS = ('cpu', 'device')
+
+
+def attention_plan(device: torch.device) -> str:
+    """'cpu' or 'device': the forced plan, else the one for ``device``."""
+    forced = os.environ.get(PLAN_VARIABLE, '')
+    if forced:
+        if forced not in PLANS:
+            raise ValueError(f'{PLAN_VARIABLE}={forced!r}: expected one of {PLANS}')
+        return forced
+    return 'cpu' if device.type == 'cpu' else 'device'
+
+
+def bias_budget_bytes() -> int:
+    """The largest deformable bias (all heads and images of one layer, in bytes) that the device plan
+    builds at once; a layer whose bias is larger attends in that many chunks of queries."""
+    value = os.environ.get(BUDGET_VARIABLE, '1024')
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if megabytes <= 0:
+        raise ValueError(f'{BUDGET_VARIABLE}={value!r}: expected a positive number of megabytes')
+    return int(megabytes * 2 ** 20)
+
+
+# Index tensors keyed by the sizes (and device) they were built for. Bounded: multi-scale training meets
+# a new map size at almost every step, and the largest entries (stage 1 of a detection image) hold a few MB.
+_CACHE: 'OrderedDict[tuple, object]' = OrderedDict()
+CACHE_ENTRIES = 64
+
+
+def size_cached(build: Callable, *key):
+    """``build(*key)``, built once per key in eager mode, so that index tensors that depend only on sizes
+    cost no ops and no host work on later calls. Under ``torch.compile`` the build is traced instead: the
+    compiler folds it into the graph, whose shapes are fixed anyway; under an ONNX export's trace too, where
+    the sizes are traced values that keep the graph's input size dynamic."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return build(*key)
+    full_key = (build.__qualname__, *key)
+    if full_key in _CACHE:
+        _CACHE.move_to_end(full_key)
+        return _CACHE[full_key]
+    with torch.no_grad():
+        value = build(*key)
+    _CACHE[full_key] = value
+    if len(_CACHE) > CACHE_ENTRIES:
+        _CACHE.popitem(last=False)
+    return value

@@ -1,0 +1,139 @@
+"""The attention layers' execution plans (dat_mm/models/layers/plan.py): the device plan, which GPUs run, on
+this CPU: what it dispatches, what it reads back to the host, its compiled graph; and the cpu plan's kernels
+as registered operators. Numbers against the authors' model under both plans: test_golden.py."""
+import os
+import sys
+
+import pytest
+import torch
+
+from commands import ROOT
+from dat_mm import DAT
+from dat_mm.models.layers import deformable_bias
+from dat_mm.models.layers.plan import attention_plan, bias_budget_bytes
+from golden import arch_from_authors_kwargs, golden_model, load_bundle
+
+sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
+from count_ops import OpCounter  # noqa: E402
+
+
+def test_the_plan_follows_the_device_unless_forced(monkeypatch):
+    monkeypatch.delenv('DAT_MM_ATTENTION_PLAN', raising=False)
+    assert attention_plan(torch.device('cpu')) == 'cpu'
+    assert attention_plan(torch.device('cuda', 0)) == 'device'
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
+    assert attention_plan(torch.device('cpu')) == 'device'
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'gpu')
+    with pytest.raises(ValueError, match=r"DAT_MM_ATTENTION_PLAN='gpu': expected one of \('cpu', 'device'\)"):
+        attention_plan(torch.device('cpu'))
+
+
+def test_the_bias_budget_is_a_positive_number_of_megabytes(monkeypatch):
+    monkeypatch.delenv('DAT_MM_BIAS_BUDGET_MB', raising=False)
+    assert bias_budget_bytes() == 2 ** 30
+    monkeypatch.setenv('DAT_MM_BIAS_BUDGET_MB', '0.5')
+    assert bias_budget_bytes() == 2 ** 19
+    for bad in ('0', 'lots'):
+        monkeypatch.setenv('DAT_MM_BIAS_BUDGET_MB', bad)
+        with pytest.raises(ValueError, match='DAT_MM_BIAS_BUDGET_MB'):
+            bias_budget_bytes()
+
+
+def _counted_step(model: DAT, x: torch.Tensor) -> OpCounter:
+    """One training step (forward and backward) and one inference forward, counted together."""
+    model.train()
+    with OpCounter() as counter:
+        feats = model(x)
+        sum(f.sum() for f in feats).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    return counter
+
+
+@pytest.mark.parametrize('name', ['pp', 'v1'])
+def test_the_device_plan_reads_nothing_back_and_dispatches_as_many_ops_at_any_size(name, monkeypatch):
+    """On a GPU each op is a kernel launch and each read-back a stall: the device plan's count must not grow
+    with the image, and nothing may be read back. The cpu plan's loops do grow (the measure can fail)."""
+    arch = arch_from_authors_kwargs(__import__('json').loads(load_bundle(name)['kwargs']))
+    model = DAT(arch=arch)
+    counts = {}
+    for plan in ('device', 'cpu'):
+        monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
+        for size in ((128, 192), (256, 384)):
+            x = torch.randn(2, 3, *size)
+            _counted_step(model, x)   # the per-size index tensors are built once, on the first call
+            counter = _counted_step(model, x)
+            counts[plan, size] = counter.total()
+            if plan == 'device':
+                assert not counter.syncs, dict(counter.syncs)
+    assert counts['device', (256, 384)] <= counts['device', (128, 192)] * 1.02, counts
+    if name == 'pp':   # the neighborhood attention's rows of tiles
+        assert counts['cpu', (256, 384)] > counts['cpu', (128, 192)] * 1.2, counts
+
+
+def _compare_compiled(model: DAT, x: torch.Tensor, backend: str) -> None:
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        eager = model.eval()(x)
+        for a, b in zip(compiled(x), eager):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    results = []
+    for run in (model, compiled):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        outs = run(x)
+        weights = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results.append((outs, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_outs, eager_grads), (outs, grads) = results
+    for a, b in zip(outs, eager_outs):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    for key, b in eager_grads.items():
+        # proj_k.bias has a true gradient of zero (see test_layers.py), hence the absolute floor.
+        assert (grads[key] - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, key
+
+
+# aot_eager traces what inductor compiles (Dynamo's one graph, AOTAutograd's forward and backward graphs with
+# the attention's autograd Functions and the kernels' operators) and runs it with eager kernels. Inductor's
+# own code generation takes 100-260 s per model here, cold: DAT_MM_TEST_INDUCTOR=1 adds it.
+BACKENDS = ['aot_eager', pytest.param('inductor', marks=pytest.mark.skipif(
+    os.environ.get('DAT_MM_TEST_INDUCTOR') != '1', reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1'))]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('name', ['pp', 'v1'])
+def test_the_device_plan_compiles_into_one_graph_for_inference_and_training(name, backend, monkeypatch):
+    """torch.compile(fullgraph=True) fails on any graph break; outputs and every gradient match eager mode."""
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
+    torch._dynamo.reset()
+    model, _ = golden_model(name, torch.float32)
+    torch.manual_seed(0)
+    _compare_compiled(model, torch.randn(2, 3, 64, 96), backend)
+
+
+def _kernel_arguments(dtype: torch.dtype) -> dict:
+    """Arguments of the three operators for 2 images, 2 offset groups of 3 heads, 7 queries, 5 keys."""
+    torch.manual_seed(0)
+    groups, heads, batch, queries, keys = 2, 3, 2, 7, 5
+    table = torch.nn.functional.pad(torch.randn(groups, heads, 6, 8, dtype=dtype), (1, 1, 1, 1))
+    qx, qy = (torch.rand(queries, dtype=dtype) - 0.5 for _ in range(2))
+    kx, ky = (torch.rand(batch * groups, keys, dtype=dtype) - 0.5 for _ in range(2))
+    scores = torch.randn(batch * groups * heads, queries, keys, dtype=dtype)
+    return dict(coords=(table, qx, qy, kx, ky), out=torch.empty(batch * groups, heads, queries, keys, dtype=dtype),
+                scores=scores, probs=scores.softmax(-1), delta=torch.randn(batch * groups * heads, queries, dtype=dtype),
+                grad=torch.randn_like(scores))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_the_cpu_kernels_are_operators_that_pass_opcheck(dtype):
+    """Schemas (what each writes), fake kernels (what torch.compile traces) and dispatch, by torch's own checks."""
+    assert deformable_bias.available(), 'the CPU kernels did not build'
+    ops = torch.ops.dat_mm
+    a = _kernel_arguments(dtype)
+    torch.library.opcheck(ops.deformable_bias_out.default, (*a['coords'], a['out']))
+    torch.library.opcheck(ops.deformable_biased_softmax_.default, (*a['coords'], 0.3, a['scores']))
+    torch.library.opcheck(ops.deformable_biased_softmax_backward_.default,
+                          (*a['coords'], a['probs'], a['delta'], a['grad']))
+    grad_table, grad_keys = ops.deformable_biased_softmax_backward_(*a['coords'], a['probs'], a['delta'], a['grad'])
+    assert grad_table.shape == a['coords'][0].shape and grad_keys.shape == (4, 2, 5)
