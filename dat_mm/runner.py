@@ -2,6 +2,7 @@
 without CUDA, and building a config's model outside a Runner (FLOPs, export)."""
 import argparse
 import copy
+import glob
 import os
 import os.path as osp
 from typing import Optional
@@ -85,14 +86,49 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
-def last_checkpoint(work_dir: str) -> Optional[str]:
-    """The checkpoint MMEngine recorded as the latest in ``work_dir``, if any."""
+def _recorded_checkpoint(work_dir: str) -> Optional[str]:
+    """The path MMEngine wrote into ``work_dir/last_checkpoint``, if it wrote one."""
     marker = osp.join(work_dir, 'last_checkpoint')
     if not osp.isfile(marker):
         return None
     with open(marker) as f:
-        path = f.read().strip()
-    return path if osp.isfile(path) else None
+        return f.read().strip()
+
+
+def last_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint MMEngine recorded as the latest in ``work_dir``, if any."""
+    path = _recorded_checkpoint(work_dir)
+    return path if path and osp.isfile(path) else None
+
+
+def resumable_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest checkpoint in ``work_dir`` that loads: the one MMEngine recorded last, else the others
+    from the newest. A node that crashed while saving leaves a truncated file, which ``last_checkpoint``
+    may already name; each one passed over is named in a warning. None where the work dir holds no
+    checkpoint; a SystemExit that lists them where none loads, so that a run never starts over unnoticed.
+    Checkpoints load under torch's weights_only default (``dat_mm`` allow-lists what MMEngine writes)."""
+    candidates = sorted(glob.glob(osp.join(work_dir, '*.pth')), key=osp.getmtime, reverse=True)
+    recorded = _recorded_checkpoint(work_dir)
+    if recorded and osp.isfile(recorded):
+        candidates = [recorded] + [path for path in candidates if not osp.samefile(path, recorded)]
+    elif recorded:
+        print(f'--resume: warning: {work_dir}/last_checkpoint names {recorded}, which does not exist', flush=True)
+    broken = []
+    for path in candidates:
+        try:
+            # mmap: reads the archive's index and pickled structure, not every tensor.
+            torch.load(path, map_location='cpu', mmap=True)
+        except Exception as err:
+            broken.append(f'{path} ({type(err).__name__}: {str(err).splitlines()[0][:200]})')
+            print(f'--resume: warning: {path} does not load, skipping it ({broken[-1].split(" (", 1)[1]}', flush=True)
+            continue
+        if broken:
+            print(f'--resume: resuming from {path}, the newest checkpoint that loads', flush=True)
+        return path
+    if broken:
+        raise SystemExit(f'--resume: no checkpoint in {work_dir} loads:\n  ' + '\n  '.join(broken) +
+                         '\nRemove them to start from scratch, or pass --resume CHECKPOINT.')
+    return None
 
 
 def skip_backbone_init(cfg: Config) -> None:

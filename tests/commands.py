@@ -1,5 +1,6 @@
 """Running the project's command-line tools as a user would, in a subprocess."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +18,10 @@ def run_tool(args, cwd, **env) -> str:
                           text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -175,6 +175,25 @@ def test_dist_scripts_hand_torchrun_the_node_layout(script, args, tmp_path):
     assert out[8:] == rest + ['--launcher', 'pytorch']
 
 
+@pytest.mark.parametrize('script,args,tool,rest', [
+    ('slurm_train.sh', ['gpu', 'dat', 'CFG.py', 'work', '--amp'], 'train.py', ['CFG.py', '--work-dir', 'work', '--amp']),
+    ('slurm_train.sh', ['gpu', 'dat', 'CFG.py', '--resume'], 'train.py', ['CFG.py', '--resume']),
+    ('slurm_test.sh', ['gpu', 'dat', 'CFG.py', 'CKPT.pth', '--tta'], 'test.py', ['CFG.py', 'CKPT.pth', '--tta'])])
+def test_slurm_scripts_hand_srun_the_allocation(script, args, tool, rest, tmp_path):
+    """OpenMMLab's convention (PARTITION JOB_NAME CONFIG ..., GPUS, GPUS_PER_NODE, CPUS_PER_TASK, SRUN_ARGS); a
+    stand-in srun on PATH records what it was given."""
+    srun = tmp_path / 'srun'
+    srun.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    srun.chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', PYTHON='python3', GPUS='16', GPUS_PER_NODE='8',
+               CPUS_PER_TASK='4', SRUN_ARGS='--quotatype=spot  --time=48:00:00')
+    out = subprocess.run(['bash', ROOT / 'tools' / script, *args], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ['-p', 'gpu', '--job-name=dat', '--gres=gpu:8', '--ntasks=16', '--ntasks-per-node=8',
+                   '--cpus-per-task=4', '--kill-on-bad-exit=1', '--quotatype=spot', '--time=48:00:00',
+                   'python3', '-u', str(ROOT / 'tools' / tool), *rest, '--launcher', 'slurm']
+
+
 def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
     """A user's first run: a COCO config from the zoo, pointed at their own COCO-format folder."""
     data = tiny_workspace / 'data' / 'tiny' / 'coco'
@@ -242,7 +261,9 @@ def test_benchmark_cuda_mode_is_a_dry_run_without_a_gpu():
     out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cuda', '--sizes', '1344x800', '--modes', 'fwd',
                     '--dtypes', 'fp32', 'bf16'], ROOT)
     assert 'needs a GPU' in out
-    assert len(re.findall(r'1344x800 fwd +(fp32|bf16) \S', out)) == 12, 'every model listed, nothing measured'
+    listed = re.findall(r'1344x800 fwd +(?:fp32|bf16) (.+)', out)
+    # Every model, and the three fast ones in both attention plans (the device plan is CUDA's own); nothing measured.
+    assert len(listed) == 18 and listed.count('DAT-T++ fast (cpu plan)') == 2 and listed.count('DAT-T++ fast') == 2
     assert '| size |' not in out
 
 
@@ -254,3 +275,13 @@ def test_benchmark_gives_ratios_against_swin_in_both_precisions():
                                             ('bf16', 'DAT-T++ fast'), ('bf16', 'Swin-T (mmdet)')]
     for dat in (rows[0], rows[2]):
         assert re.fullmatch(r'\d+\.\d\dx', dat[6]) and re.fullmatch(r'\d+\.\d\dx', dat[7]), dat
+
+
+def test_count_ops_gives_launches_and_host_syncs_against_swin():
+    out = run_tool([ROOT / 'tools/analysis/count_ops.py', '--sizes', '128x96', '--models', 'DAT-T++', 'Swin-T'], ROOT)
+    rows = {r[1]: r for r in (line.split(' | ') for line in out.splitlines() if line.startswith('| 128x96 | '))}
+    assert set(rows) == {'DAT-T++', 'Swin-T (mmdet)'}
+    dat = rows['DAT-T++']
+    assert dat[2] == 'device', 'the GPU plan is the one counted by default'
+    assert all(re.fullmatch(r'\d+\.\d\dx', ratio) for ratio in dat[6:8]), dat
+    assert dat[8] == '0', 'the device plan reads nothing back'

@@ -1,14 +1,13 @@
 """The training path beyond one uninterrupted process: two ranks over gloo, and a killed run resumed."""
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import torch
 
 import dat_mm  # noqa: F401  (makes MMEngine checkpoints loadable under weights_only)
-from commands import ROOT, run_tool, tool_env
+from commands import ROOT, free_port, run_tool, tool_env
 from configs import build_model, load_config
 
 SEGMENTOR = ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py'
@@ -41,19 +40,28 @@ class RecordRankHook(Hook):
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
+def _recorded_config(tmp_path):
+    """The demo segmentor with RecordRankHook, whose module is importable from ``tmp_path``."""
     (tmp_path / 'record_rank_hook.py').write_text(RECORDER)
     config = tmp_path / 'recorded.py'
     config.write_text(f"_base_ = '{SEGMENTOR}'\ncustom_imports = dict(imports=['dat_mm', 'record_rank_hook'])\n"
                       "custom_hooks = [dict(type='RecordRankHook')]\n")
+    return config
+
+
+def _assert_ranks_took_the_same_steps(ranks: list) -> None:
+    """DDP averaged the gradients, so every rank took identical steps away from the same start."""
+    for name, value in ranks[0]['after'].items():
+        assert torch.equal(value, ranks[1]['after'][name]), name
+        assert torch.equal(ranks[0]['before'][name], ranks[1]['before'][name]), name
+    moved = [n for n, v in ranks[0]['after'].items() if not torch.equal(v, ranks[0]['before'][n])]
+    assert len(moved) > 0.9 * len(ranks[0]['after'])
+
+
+def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
+    config = _recorded_config(tmp_path)
     work = tmp_path / 'work'
-    env = tool_env(PYTHON=sys.executable, PORT=str(_free_port()), PYTHONPATH=str(tmp_path))
+    env = tool_env(PYTHON=sys.executable, PORT=str(free_port()), PYTHONPATH=str(tmp_path))
 
     def dist_train(max_iters, *extra):
         proc = subprocess.run(['bash', ROOT / 'tools/dist_train.sh', config, '2', '--work-dir', work, *extra,
@@ -74,12 +82,7 @@ def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
     for start in range(0, 12, 3):
         first, second = (set(r['images'][start:start + 3]) for r in ranks)
         assert len(first) == len(second) == 3 and not first & second
-    # DDP averaged the gradients, so both ranks took identical steps away from the same start.
-    for name, value in ranks[0]['after'].items():
-        assert torch.equal(value, ranks[1]['after'][name]), name
-        assert torch.equal(ranks[0]['before'][name], ranks[1]['before'][name]), name
-    moved = [n for n, v in ranks[0]['after'].items() if not torch.equal(v, ranks[0]['before'][n])]
-    assert len(moved) > 0.9 * len(ranks[0]['after'])
+    _assert_ranks_took_the_same_steps(ranks)
     # Rank 0 wrote the checkpoint, with the weights both ranks hold.
     checkpoint = torch.load(work / 'iter_3.pth')
     assert all(torch.equal(checkpoint['state_dict'][n], v) for n, v in ranks[0]['after'].items())
@@ -91,9 +94,31 @@ def test_two_cpu_ranks_train_one_model_and_resume(tiny_workspace, tmp_path):
     assert all(torch.equal(resumed['before'][n], v) for n, v in ranks[0]['after'].items())
 
 
+def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace, tmp_path):
+    """Two launches of tools/dist_train.sh CONFIG 1, as two machines of one node each would run them
+    (NNODES=2, NODE_RANK=0 and 1, one MASTER_ADDR and PORT), here on loopback over gloo."""
+    config = _recorded_config(tmp_path)
+    work = tmp_path / 'work'
+    port = str(free_port())
+    nodes = [subprocess.Popen(['bash', ROOT / 'tools/dist_train.sh', config, '1', '--work-dir', work, '--cfg-options',
+                               'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+                               'train_cfg.val_interval=100'], cwd=tiny_workspace,
+                              env=tool_env(PYTHON=sys.executable, NNODES='2', NODE_RANK=str(rank),
+                                           MASTER_ADDR='127.0.0.1', PORT=port, PYTHONPATH=str(tmp_path)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    ranks = [torch.load(work / f'rank{r}.pt') for r in range(2)]
+    assert [r['world_size'] for r in ranks] == [2, 2]
+    _assert_ranks_took_the_same_steps(ranks)
+    assert sorted(p.name for p in work.glob('*.pth')) == ['iter_2.pth'], 'one checkpoint, from rank 0'
+    checkpoint = torch.load(work / 'iter_2.pth')
+    assert all(torch.equal(checkpoint['state_dict'][n], v) for n, v in ranks[1]['after'].items())
+
+
 def test_sync_bn_configs_say_they_need_gpus_on_a_cpu_launch(tmp_path):
     config = ROOT / 'configs/det/cascade-mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py'
-    env = tool_env(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()))
+    env = tool_env(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, ROOT / 'tools/train.py', config, '--launcher', 'pytorch',
                            '--work-dir', tmp_path], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and 'SyncBN, which torch runs on GPUs only' in proc.stderr
@@ -121,6 +146,33 @@ def test_a_killed_run_resumes_to_the_configured_end(tiny_workspace, tmp_path):
     assert final['meta']['iter'] == 8
     model = build_model(load_config('seg/demo', SEGMENTOR.name), 'mmseg')
     model.load_state_dict(final['state_dict'])   # strict: every key present, every shape right
+
+
+def test_resume_passes_over_a_torn_checkpoint_and_never_starts_over_unnoticed(tiny_workspace, tmp_path):
+    """A node that crashed while saving leaves a truncated checkpoint, here the one last_checkpoint names."""
+    def train(max_iters, *extra):
+        return subprocess.run([sys.executable, ROOT / 'tools/train.py', SEGMENTOR, '--work-dir', tmp_path, *extra,
+                               '--cfg-options', f'train_cfg.max_iters={max_iters}', 'train_cfg.val_interval=100',
+                               'default_hooks.checkpoint.interval=1'],
+                              cwd=tiny_workspace, env=tool_env(), capture_output=True, text=True)
+
+    assert train(3).returncode == 0
+    torn = tmp_path / 'iter_3.pth'
+    assert (tmp_path / 'last_checkpoint').read_text().strip() == str(torn)
+    torn.write_bytes(torn.read_bytes()[:torn.stat().st_size // 2])
+    proc = train(4, '--resume')
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f'--resume: warning: {torn} does not load' in out
+    assert re.search(r'resumed epoch: \d+, iter: 2', out)
+    assert torch.load(tmp_path / 'iter_4.pth')['meta']['iter'] == 4
+
+    for checkpoint in tmp_path.glob('*.pth'):
+        checkpoint.write_bytes(b'')
+    proc = train(5, '--resume')
+    assert proc.returncode != 0
+    assert f'--resume: no checkpoint in {tmp_path} loads' in proc.stderr and 'iter_4.pth' in proc.stderr
+    assert not re.search(r'Iter\(train\)', proc.stdout + proc.stderr), 'it trained'
 
 
 DETECTOR = ROOT / 'configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py'

@@ -2,14 +2,14 @@
 
     python tools/train.py configs/det/mask-rcnn_dat-t++_fpn_ms-crop-1x_coco.py \
         --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/dat_pp_tiny_in1k_224.pth
-    python tools/train.py CONFIG --resume            # continue from work_dir's last checkpoint
+    python tools/train.py CONFIG --resume            # continue from work_dir's newest checkpoint that loads
 """
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dat_mm.runner import add_common_args, build_runner, last_checkpoint, load_config  # noqa: E402
+from dat_mm.runner import add_common_args, build_runner, load_config, resumable_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
                         help="resume (weights, optimizer, scheduler, iteration) from CHECKPOINT, or with no "
-                             "value from the work dir's last checkpoint")
+                             "value from the work dir's newest checkpoint that loads")
     parser.add_argument('--amp', action='store_true', help='mixed precision (AmpOptimWrapper)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help="scale the LR by (GPUs x images per GPU) / the config's auto_scale_lr.base_batch_size")
@@ -32,9 +32,10 @@ def main() -> None:
             raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        if last_checkpoint(cfg.work_dir) is None:
+        checkpoint = resumable_checkpoint(cfg.work_dir)
+        if checkpoint is None:
             print(f'--resume: no checkpoint in {cfg.work_dir} yet, starting from scratch', flush=True)
-        cfg.resume, cfg.load_from = True, None
+        cfg.resume, cfg.load_from = True, checkpoint
     elif args.resume:
         if not Path(args.resume).is_file():
             raise SystemExit(f'--resume: checkpoint not found: {args.resume}')
