@@ -12,9 +12,8 @@ MIM_FILES = ('configs', 'tools', 'model-index.yml')
 class BuildWithMimFiles(build_py):
     """Copies the configs, tools and model index into the built package, so that a wheel carries them.
 
-    An editable install gets no copy: mim looks for an installed package's files next to its installed
-    modules, which an editable install does not have; there the repository's tools and configs are used by
-    path (``python tools/train.py configs/...``, ``mim train mmdet configs/...``)."""
+    An editable install gets no copy: tools/link_mim_files.py (run by tools/setup_env.sh) links the
+    checkout's own files where mim looks for them instead."""
 
     def run(self) -> None:
         # pip builds in the checkout's build/, and setuptools only ever adds to it: without this, a module
@@ -36,7 +35,11 @@ setup(
     version='0.1.0',
     description='Deformable Attention Transformer (DAT, DAT++) backbones for MMDetection and MMSegmentation',
     packages=find_packages(include=['dat_mm', 'dat_mm.*']),
-    # Compiled on first use, on the user's machine (dat_mm/models/layers/deformable_attention.py).
+    # Declared, so that an editable install puts the checkout itself on sys.path (a .pth line) rather than an
+    # import hook behind Python's own path search, where the folder that holds mim's links in site-packages
+    # (tools/link_mim_files.py) would be found first, as an empty namespace package.
+    package_dir={'': '.'},
+    # Compiled on the user's machine, by the set-up or on first use (dat_mm/models/layers/deformable_bias.py).
     package_data={'dat_mm.models.layers': ['*.cpp']},
     python_requires='>=3.8',
     # mmcv (full, with compiled ops) is built from source by tools/setup_env.sh; pip cannot do that unaided.

@@ -18,16 +18,27 @@ DEFAULT_CUDA_ARCHS=${DAT_MM_DEFAULT_CUDA_ARCHS:-7.0;7.5;8.0;8.6;8.9;9.0}
 TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 
+t0=$SECONDS
+log() { echo "[setup +$((SECONDS - t0))s] $*"; }
+# The deformable attention's CPU kernels, built here so that no training run compiles them; kept outside the
+# venv, per machine and torch version (dat_mm/models/layers/deformable_bias.py), so checked on every run.
+build_kernels() {
+  local start=$SECONDS
+  if ! "$VENV/bin/python" -c "import dat_mm.models.layers.deformable_bias as k; k.main()"; then
+    echo "[setup] the CPU kernels did not build (see the warning above): DAT runs on CPU with the slower grid_sample lookup"
+  elif [ $((SECONDS - start)) -gt 10 ]; then
+    log "CPU kernels built in $((SECONDS - start)) s"
+  fi
+}
+
 stamp_of() { cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
 if [ "$DRY_RUN" != 1 ] && [ -f "$VENV/.dat_mm_stamp" ] && [ "$(cat "$VENV/.dat_mm_stamp")" = "$STAMP" ] \
-   && "$VENV/bin/python" -c "import dat_mm, mmcv.ops, mmdet, mmseg" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import dat_mm, mmcv.ops, mmdet, mmseg; dat_mm.DAT" 2>/dev/null; then
+  build_kernels
   echo "[setup] $VENV is up to date"
   exit 0
 fi
-
-t0=$SECONDS
-log() { echo "[setup +$((SECONDS - t0))s] $*"; }
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 
 if [ "$DRY_RUN" != 1 ]; then
@@ -102,13 +113,16 @@ log "mmcv from $MMCV_DIR"
 log "mmdet, mmsegmentation, dat_mm"
 # mmsegmentation 1.2.2 imports ftfy and regex without declaring them.
 "${PIP[@]}" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycocotools matplotlib pytest
-# openmim for `mim train`. Its opendatalab dependency pins setuptools 60 (below torch's >= 77) and only
-# serves `mim download`, so it is left out.
-"${PIP[@]}" --no-deps "openmim==0.3.9"
-"${PIP[@]}" click colorama model-index pandas requests rich tabulate
 # The deploy extra (tools/export_onnx.py and its test).
 "${PIP[@]}" "onnx==1.23.2" "onnxruntime==1.32.0"
+# openmim for `mim train`, after the dependencies it uses. Its opendatalab dependency pins setuptools 60
+# (below torch's >= 77) and only serves `mim download`, so it is left out, and pip is told not to report it
+# missing; conflicts elsewhere are still reported by the installs above.
+"${PIP[@]}" click colorama model-index pandas requests rich tabulate
+"${PIP[@]}" --no-deps --no-warn-conflicts "openmim==0.3.9"
 "${PIP[@]}" --no-deps -e "$ROOT"
+# mim reads an installed package's configs and tools from <site-packages>/dat_mm/.mim: links to this checkout.
+"$VENV/bin/python" "$ROOT/tools/link_mim_files.py"
 
 "$VENV/bin/python" - <<'PY'
 import torch, mmcv, mmengine, mmdet, mmseg
@@ -116,5 +130,7 @@ from mmcv.ops import nms  # noqa: F401  (fails here if the ops were not compiled
 print(f"[setup] torch {torch.__version__}, mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, "
       f"mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")
 PY
+log "deformable-attention CPU kernels"
+build_kernels
 echo "$STAMP" > "$VENV/.dat_mm_stamp"
 log "done"
