@@ -39,6 +39,20 @@ def test_the_bias_budget_is_a_positive_number_of_megabytes(monkeypatch):
             bias_budget_bytes()
 
 
+@pytest.mark.parametrize('plan', ['cpu', 'device'])
+def test_index_tensors_first_built_under_inference_mode_serve_a_training_step(plan, monkeypatch):
+    """The per-size caches outlive the call that filled them; inference tensors could not be saved for a
+    backward."""
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
+    model, _ = golden_model('pp', torch.float32)
+    x = torch.randn(1, 3, 72, 88)   # a size no other test builds
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    sum(f.sum() for f in model(x)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def _counted_step(model: DAT, x: torch.Tensor) -> OpCounter:
     """One training step (forward and backward) and one inference forward, counted together."""
     model.train()

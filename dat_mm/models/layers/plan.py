@@ -63,7 +63,8 @@ def size_cached(build: Callable, *key):
     if full_key in _CACHE:
         _CACHE.move_to_end(full_key)
         return _CACHE[full_key]
-    with torch.no_grad():
+    # Normal tensors even when the first call comes under inference_mode: a training step may save them.
+    with torch.inference_mode(False), torch.no_grad():
         value = build(*key)
     _CACHE[full_key] = value
     if len(_CACHE) > CACHE_ENTRIES:
