@@ -3,9 +3,17 @@
 Importing this package registers ``dat_mm.DAT`` in MMEngine's registry tree and allow-lists the few types
 MMEngine writes into checkpoints, so that resuming works under torch's ``weights_only`` loading.
 """
-from .checkpoint import register_safe_globals
-from .models import DAT
-from .registry import MODELS
+import warnings
+
+# mmengine 0.10.7 imports pkg_resources afresh (importlib.reload) each time it resolves an mmdet:: or mmseg::
+# base config, and the setuptools < 81 that the stack needs (mmcv's build, mmengine, mim) says on every such
+# import that pkg_resources will go: the same notice once per config read, which no user can act on. Only
+# that notice is hidden.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API', category=UserWarning)
+
+from .checkpoint import register_safe_globals  # noqa: E402
+from .models import DAT  # noqa: E402
+from .registry import MODELS  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['DAT', 'MODELS']

@@ -127,3 +127,20 @@ def test_setup_stops_when_a_cuda_torch_has_no_nvcc(tmp_path):
     proc = _setup_dry_run(CUDA_HOME=str(tmp_path))
     assert proc.returncode == 1
     assert 'nvcc was not found' in proc.stderr and 'CUDA 13.0' in proc.stderr and 'pip wheel' not in proc.stdout
+
+
+def test_importing_dat_mm_hides_the_stacks_pkg_resources_notice_and_nothing_else():
+    """mmengine re-imports pkg_resources for every config with an mmdet:: base, and setuptools < 81 says each
+    time that it will go: the demo printed it four times. A warning of any other kind still shows."""
+    import os
+    import subprocess
+    import sys
+    from commands import ROOT
+    config = ROOT / 'configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py'
+    code = ('import warnings{}\nfrom mmengine.config import Config\n'
+            f'for _ in range(2):\n    Config.fromfile({str(config)!r})\nwarnings.warn("a real warning")\n')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+    without, with_dat_mm = (subprocess.run([sys.executable, '-c', code.format(imports)], env=env, capture_output=True,
+                                           text=True, check=True).stderr for imports in ('', '\nimport dat_mm'))
+    assert without.count('pkg_resources is deprecated') >= 2 and 'a real warning' in without
+    assert 'pkg_resources is deprecated' not in with_dat_mm and 'a real warning' in with_dat_mm

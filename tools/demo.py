@@ -31,7 +31,7 @@ JOBS = [
 
 def run(cmd: list, log: Path) -> str:
     """Runs a tool, echoing its log lines about progress, and returns its whole output."""
-    env = dict(os.environ, PYTHONWARNINGS='ignore', PYTHONUNBUFFERED='1')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
     lines = []
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
