@@ -1,6 +1,7 @@
 """The attention layers' execution plans (dat_mm/models/layers/plan.py): the device plan, which GPUs run, on
 this CPU: what it dispatches, what it reads back to the host, its compiled graph; and the cpu plan's kernels
 as registered operators. Numbers against the authors' model under both plans: test_golden.py."""
+import copy
 import os
 import sys
 
@@ -86,26 +87,37 @@ def test_the_device_plan_reads_nothing_back_and_dispatches_as_many_ops_at_any_si
         assert counts['cpu', (256, 384)] > counts['cpu', (128, 192)] * 1.2, counts
 
 
+def _gradients(model: DAT, run, x: torch.Tensor) -> tuple:
+    """Outputs and parameter gradients of one training step of ``run`` (model or its compiled self)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    outs = run(x)
+    weights = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) for o in outs]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def _compare_compiled(model: DAT, x: torch.Tensor, backend: str) -> None:
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         eager = model.eval()(x)
         for a, b in zip(compiled(x), eager):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-    results = []
-    for run in (model, compiled):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        outs = run(x)
-        weights = [torch.sin(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) for o in outs]
-        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-        results.append((outs, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (eager_outs, eager_grads), (outs, grads) = results
+    eager_outs, eager_grads = _gradients(model, model, x)
+    outs, grads = _gradients(model, compiled, x)
     for a, b in zip(outs, eager_outs):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # Each gradient within 1e-5 of its scale of eager's. Inductor generates its own kernels, which may sum in
+    # another order: there the bound is also twice eager's own fp32 error, from a float64 step, where that is
+    # larger (the offset convs' gradients sum many cancelling terms).
+    slack = {key: 0.0 for key in eager_grads}
+    if backend == 'inductor':
+        double = copy.deepcopy(model).double()
+        _, exact = _gradients(double, double, x.double())
+        slack = {key: 2 * (b.double() - exact[key]).abs().max().item() for key, b in eager_grads.items()}
     for key, b in eager_grads.items():
         # proj_k.bias has a true gradient of zero (see test_layers.py), hence the absolute floor.
-        assert (grads[key] - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, key
+        assert (grads[key] - b).abs().max() <= max(1e-5 * b.abs().max(), slack[key]) + 1e-6, key
 
 
 # aot_eager traces what inductor compiles (Dynamo's one graph, AOTAutograd's forward and backward graphs with
