@@ -277,6 +277,20 @@ def test_benchmark_gives_ratios_against_swin_in_both_precisions():
         assert re.fullmatch(r'\d+\.\d\dx', dat[6]) and re.fullmatch(r'\d+\.\d\dx', dat[7]), dat
 
 
+def test_benchmark_rounds_alternate_and_give_the_median_ratio_with_its_range():
+    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cpu', '--sizes', '96x64', '--reps', '1',
+                    '--modes', 'fwd', '--rounds', '3', '--models', 'DAT-T++ fast', 'Swin-T'], ROOT)
+    order = re.findall(r'96x64 fwd +fp32 (DAT-T\+\+ fast|Swin-T) .* round (\d)', out)
+    assert order == [('DAT-T++ fast', '1'), ('Swin-T', '1'), ('Swin-T', '2'), ('DAT-T++ fast', '2'),
+                     ('DAT-T++ fast', '3'), ('Swin-T', '3')]
+    seconds = {}
+    for name, time_s in re.findall(r'96x64 fwd +fp32 (DAT-T\+\+ fast|Swin-T) +(\d+\.\d\d) s', out):
+        seconds.setdefault(name, []).append(float(time_s))
+    row = next(line.split(' | ') for line in out.splitlines() if line.startswith('| 96x64 | fwd | fp32 | DAT-T++'))
+    median, low, high = map(float, re.fullmatch(r'(\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d)x\)', row[6]).groups())
+    assert low <= median <= high and float(row[4]) == sorted(seconds['DAT-T++ fast'])[1]
+
+
 def test_count_ops_gives_launches_and_host_syncs_against_swin():
     out = run_tool([ROOT / 'tools/analysis/count_ops.py', '--sizes', '128x96', '--models', 'DAT-T++', 'Swin-T'], ROOT)
     rows = {r[1]: r for r in (line.split(' | ') for line in out.splitlines() if line.startswith('| 128x96 | '))}

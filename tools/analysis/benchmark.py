@@ -6,9 +6,12 @@ model and input (on CUDA torch's peak allocation; on CPU the peak resident set s
 timm's where mmdet does not import (a GPU machine with mmcv-lite); the table gives each DAT row's time and
 memory as multiples of Swin-T's at the same size, pass and precision. The fast DAT rows run the device's own
 attention plan (dat_mm/models/layers/plan.py: cpu on CPU, device on CUDA); ``--plans`` adds or picks others,
-whose rows say so: on CUDA both plans are timed by default.
+whose rows say so: on CUDA both plans are timed by default. A machine whose speed drifts (shared or
+throttled cores) moves each ratio with it; ``--rounds N`` measures every row N times, the rounds in
+alternating order, and gives each ratio as the median of the rounds' own ratios, with their range.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
+    python tools/analysis/benchmark.py --sizes 1344x800 --models 'DAT-T++ fast' Swin-T --rounds 3
     python tools/analysis/benchmark.py --sizes 1344x800 --dtypes fp32 bf16 --device cuda
         # without a GPU: a dry run that lists what the GPU run would measure
 """
@@ -116,10 +119,19 @@ def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dt
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ratio(values: list, references: list) -> str:
+    """The median of the rounds' own ratios, and with more than one round their range: '1.84x (1.71-2.01x)'."""
+    ratios = sorted(v / r for v, r in zip(values, references))
+    spread = f' ({ratios[0]:.2f}-{ratios[-1]:.2f}x)' if len(ratios) > 1 else ''
+    return f'{statistics.median(ratios):.2f}x{spread}'
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', nargs='+', default=['512x512', '640x640', '1344x800'], help='WxH')
     parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='measure every row this many times, in alternating order (ratios: median and range)')
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
     parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES),
@@ -150,29 +162,38 @@ def main() -> int:
             print(f'  {size:>9} {mode:<7} {dtype} {label}')
         return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
-    print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}', flush=True)
-    results = {}
-    for size, mode, dtype, (label, name, plan) in runs:
-        w, h = map(int, size.lower().split('x'))
-        r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan)
-        results[size, mode, dtype, label] = r
-        shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
-        print(f'  {size:>9} {mode:<7} {dtype} {label:<20} {shown}', flush=True)
+    rounds = f', {args.rounds} rounds' if args.rounds > 1 else ''
+    print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}{rounds}', flush=True)
+    results = {(size, mode, dtype, label): [] for size, mode, dtype, (label, _, _) in runs}
+    for k in range(args.rounds):
+        # Alternating order: a drift during the run weighs on the first rows in one round, on the last in the next.
+        for size, mode, dtype, (label, name, plan) in (runs if k % 2 == 0 else runs[::-1]):
+            w, h = map(int, size.lower().split('x'))
+            r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan)
+            results[size, mode, dtype, label].append(r)
+            shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
+            round_ = f' round {k + 1}' if args.rounds > 1 else ''
+            print(f'  {size:>9} {mode:<7} {dtype} {label:<20} {shown}{round_}', flush=True)
 
     print('\n| size | pass | precision | model | time (s) | peak memory (MB) | time / Swin-T | memory / Swin-T '
           '| fast vs ref: speed-up |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
-    for (size, mode, dtype, name), r in results.items():
-        if 'error' in r:
-            print(f'| {size} | {mode} | {dtype} | {name} | {r["error"]} | | | | |')
+    for (size, mode, dtype, name), measured in results.items():
+        errors = [r['error'] for r in measured if 'error' in r]
+        if errors:
+            print(f'| {size} | {mode} | {dtype} | {name} | {errors[0]} | | | | |')
             continue
-        swin = results.get((size, mode, dtype, SWIN), {})
-        vs_swin = (f"{r['seconds'] / swin['seconds']:.2f}x | {r['peak_mb'] / max(swin['peak_mb'], 1e-9):.2f}x"
-                   if 'seconds' in swin and name != SWIN else ' | ')
-        ref = results.get((size, mode, dtype, name.split(' fast')[0] + ' ref'), {})
-        speedup = f"{ref['seconds'] / r['seconds']:.2f}x" if ' fast' in name and 'seconds' in ref else ''
-        label = f"{name} ({r['source']})" if r.get('source') else name
-        print(f"| {size} | {mode} | {dtype} | {label} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {vs_swin} "
-              f"| {speedup} |")
+        seconds, peak = (statistics.median(r[key] for r in measured) for key in ('seconds', 'peak_mb'))
+        swin = results.get((size, mode, dtype, SWIN), [])
+        vs_swin = ' | '
+        if name != SWIN and swin and not any('error' in r for r in swin):
+            vs_swin = (f"{ratio([r['seconds'] for r in measured], [r['seconds'] for r in swin])} | "
+                       f"{ratio([r['peak_mb'] for r in measured], [max(r['peak_mb'], 1e-9) for r in swin])}")
+        ref = results.get((size, mode, dtype, name.split(' fast')[0] + ' ref'), [])
+        speedup = ''
+        if ' fast' in name and ref and not any('error' in r for r in ref):
+            speedup = ratio([r['seconds'] for r in ref], [r['seconds'] for r in measured])
+        label = f"{name} ({measured[0]['source']})" if measured[0].get('source') else name
+        print(f"| {size} | {mode} | {dtype} | {label} | {seconds:.2f} | {peak:.0f} | {vs_swin} | {speedup} |")
     return 0
 
 
