@@ -119,8 +119,9 @@ def resumable_checkpoint(work_dir: str) -> Optional[str]:
             # mmap: reads the archive's index and pickled structure, not every tensor.
             torch.load(path, map_location='cpu', mmap=True)
         except Exception as err:
-            broken.append(f'{path} ({type(err).__name__}: {str(err).splitlines()[0][:200]})')
-            print(f'--resume: warning: {path} does not load, skipping it ({broken[-1].split(" (", 1)[1]}', flush=True)
+            reason = f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+            broken.append(f'{path} ({reason})')
+            print(f'--resume: warning: {path} does not load, skipping it ({reason})', flush=True)
             continue
         if broken:
             print(f'--resume: resuming from {path}, the newest checkpoint that loads', flush=True)

@@ -65,4 +65,3 @@ def test_ranks_that_start_together_build_once_and_all_run(tmp_path):
     assert out.count('kernels True output (1, 32, 12, 16)') == 2, out[-3000:]
     assert out.count('compiling the deformable-attention CPU kernels') == 1, out[-3000:]
     assert out.count('another process is building the deformable-attention CPU kernels; waiting') == 1, out[-3000:]
-

@@ -45,6 +45,13 @@ def rss_mb(field: str) -> float:
     raise RuntimeError(field)
 
 
+def reset_peak_rss() -> float:
+    """Resets this process's peak resident set (VmHWM) to its current one and returns that, in MB."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return rss_mb('VmRSS')
+
+
 def backbone(kwargs: Optional[dict], height: int, width: int):
     """(DAT(**kwargs), None), or (Swin-T, where it comes from) for kwargs None."""
     sys.path.insert(0, str(ROOT))
@@ -97,9 +104,7 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')   # resets the peak RSS to the current RSS
-        base = rss_mb('VmRSS')
+        base = reset_peak_rss()
     step()
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else rss_mb('VmHWM') - base
     times = []

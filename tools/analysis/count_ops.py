@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
-from benchmark import SWIN, backbone, rss_mb  # noqa: E402
+from benchmark import SWIN, backbone, reset_peak_rss, rss_mb  # noqa: E402
 
 MODELS = {'DAT-T++': dict(arch='tiny++'), 'DAT-T (1,1,2,1)': dict(arch='tiny', deform_strides=(1, 1, 2, 1)),
           SWIN: None}
@@ -91,9 +91,7 @@ def measure(name: str, height: int, width: int, batch: int, top: int) -> dict:
             loss.backward()
         model.zero_grad(set_to_none=True)
 
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')   # resets the peak resident set to the current one
-    base = rss_mb('VmRSS')
+    base = reset_peak_rss()
     train_step()   # also fills the attention layers' per-size caches, as any step after the first finds them
     peak = rss_mb('VmHWM') - base
     forward, backward, inference = OpCounter(), OpCounter(), OpCounter()

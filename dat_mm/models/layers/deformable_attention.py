@@ -324,8 +324,7 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, bias_dtype: torch.dtype, plan: str
     if plan == 'cpu':
         step = max(1, CHUNK_ELEMENTS // per_query)
     else:
-        itemsize = torch.empty((), dtype=bias_dtype, device='meta').element_size()
-        count = max(1, -(-per_query * queries * itemsize // bias_budget_bytes()))
+        count = max(1, -(-per_query * queries * bias_dtype.itemsize // bias_budget_bytes()))
         step = -(-queries // count)
     return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 

@@ -59,7 +59,7 @@ def size_cached(build: Callable, *key):
     the sizes are traced values that keep the graph's input size dynamic."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return build(*key)
-    full_key = (build.__qualname__, *key)
+    full_key = (build, *key)
     if full_key in _CACHE:
         _CACHE.move_to_end(full_key)
         return _CACHE[full_key]
