@@ -139,7 +139,7 @@ def test_the_device_plan_compiles_into_one_graph_for_inference_and_training(name
 
 
 def _kernel_arguments(dtype: torch.dtype) -> dict:
-    """Arguments of the three operators for 2 images, 2 offset groups of 3 heads, 7 queries, 5 keys."""
+    """Arguments of the two operators for 2 images, 2 offset groups of 3 heads, 7 queries, 5 keys."""
     torch.manual_seed(0)
     groups, heads, batch, queries, keys = 2, 3, 2, 7, 5
     table = torch.nn.functional.pad(torch.randn(groups, heads, 6, 8, dtype=dtype), (1, 1, 1, 1))
@@ -147,7 +147,7 @@ def _kernel_arguments(dtype: torch.dtype) -> dict:
     kx, ky = (torch.rand(batch * groups, keys, dtype=dtype) - 0.5 for _ in range(2))
     scores = torch.randn(batch * groups * heads, queries, keys, dtype=dtype)
     return dict(coords=(table, qx, qy, kx, ky), out=torch.empty(batch * groups, heads, queries, keys, dtype=dtype),
-                scores=scores, probs=scores.softmax(-1), delta=torch.randn(batch * groups * heads, queries, dtype=dtype),
+                scores=scores, delta=torch.randn(batch * groups * heads, queries, dtype=dtype),
                 grad=torch.randn_like(scores))
 
 
@@ -158,8 +158,8 @@ def test_the_cpu_kernels_are_operators_that_pass_opcheck(dtype):
     ops = torch.ops.dat_mm
     a = _kernel_arguments(dtype)
     torch.library.opcheck(ops.deformable_bias_out.default, (*a['coords'], a['out']))
-    torch.library.opcheck(ops.deformable_biased_softmax_.default, (*a['coords'], 0.3, a['scores']))
     torch.library.opcheck(ops.deformable_biased_softmax_backward_.default,
-                          (*a['coords'], a['probs'], a['delta'], a['grad']))
-    grad_table, grad_keys = ops.deformable_biased_softmax_backward_(*a['coords'], a['probs'], a['delta'], a['grad'])
+                          (*a['coords'], 0.3, a['scores'], a['delta'], a['grad']))
+    grad_table, grad_keys = ops.deformable_biased_softmax_backward_(*a['coords'], 0.3, a['scores'], a['delta'],
+                                                                    a['grad'])
     assert grad_table.shape == a['coords'][0].shape and grad_keys.shape == (4, 2, 5)

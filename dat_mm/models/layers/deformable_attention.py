@@ -235,24 +235,21 @@ class _KernelLookup:
 
 
 class _KernelChunk:
-    """One chunk of queries for :func:`attention_backward`, through the kernels: the bias is added to the
-    scores and their softmax taken in one pass, and dS is formed in the pass that takes the table and key
-    gradients from it, which go to the lookup."""
+    """One chunk of queries for :func:`attention_backward`, through the kernels: one pass adds the bias to the
+    scores, takes their softmax and forms dS, from which it takes the table and key gradients for the lookup."""
 
     def __init__(self, lookup: _KernelLookup, rows: slice) -> None:
         self.lookup, self.rows = lookup, rows
 
-    def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        scores = torch.bmm(q, k.transpose(1, 2))
-        torch.ops.dat_mm.deformable_biased_softmax_(*self.lookup.coords(self.rows), scale, scores)
-        return scores
-
-    def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def probs_and_grad_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                              delta: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.bmm(q, k.transpose(1, 2))
+        grad_s = torch.bmm(grad_out, v.transpose(1, 2))
         grad_table, grad_keys = torch.ops.dat_mm.deformable_biased_softmax_backward_(
-            *self.lookup.coords(self.rows), probs, delta, grad_probs)
+            *self.lookup.coords(self.rows), scale, probs, delta, grad_s)
         self.lookup.grad_table = self.lookup.grad_table + grad_table
         self.lookup.grad_keys = self.lookup.grad_keys + grad_keys
-        return grad_probs
+        return probs, grad_s
 
 
 class _GridSampleChunk(DenseBias):
@@ -264,15 +261,11 @@ class _GridSampleChunk(DenseBias):
         super().__init__(bias.flatten(0, 1))
         self.lookup, self.rows, self.shape = lookup, rows, bias.shape
 
-    def probs(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        probs = super().probs(q, k, scale)
-        self.bias = None   # a (queries, keys) tensor less while the gradients are formed
-        return probs
-
-    def grad_scores(self, probs: torch.Tensor, grad_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        grad_s = super().grad_scores(probs, grad_probs, delta)
+    def probs_and_grad_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                              delta: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        probs, grad_s = super().probs_and_grad_scores(q, k, v, grad_out, delta, scale)
         self.lookup.add_gradient(self.rows, grad_s.view(self.shape))
-        return grad_s
+        return probs, grad_s
 
 
 class _GridSampleLookup:

@@ -1,8 +1,9 @@
 // CPU kernels for the deformable attention's relative position bias: bilinear reads of the bias table at
 // every (query, key) displacement. They replace grid_sample on a materialised (queries, keys, 2) grid,
-// whose writing and reading cost more than the lookup itself. The forward hands the bias to SDPA; the
-// backward adds it to recomputed scores and takes the softmax in the same pass, and takes the table and
-// key gradients in the pass that forms the scores' gradient.
+// whose writing and reading cost more than the lookup itself. The forward hands the bias to SDPA. The
+// backward works a query at a time in one pass: it adds the bias to the recomputed scores, takes their
+// softmax, forms the scores' gradient and takes the table and key gradients from it, reading the table
+// once.
 //
 // Query m reads key n's bias at grid_sample's grid point (qx[m] - kx[n], qy[m] - ky[n]), in [-1, 1] over
 // the table, with align_corners=True. The cell index is computed in grid_sample's own order of
@@ -59,17 +60,20 @@ inline void read(const T* __restrict__ t, const int32_t* __restrict__ offset, co
   }
 }
 
-// Adds g times the bias's slope along x and y at each read point of one query to gx and gy.
+// One query's scores towards N keys, s = scale * s + bias, in place; keeps the bias's slopes along x and y at
+// each read point in sx and sy for the gradient pass, so that the table is read once per element in backward.
 template <typename T>
-inline void read_slopes(const T* __restrict__ t, const int32_t* __restrict__ offset, const T* __restrict__ fx,
-                        const T* __restrict__ fy, const T* __restrict__ g, int32_t row, int64_t n_keys,
-                        T* __restrict__ gx, T* __restrict__ gy) {
+inline void add_bias_and_slopes(const T* __restrict__ t, const int32_t* __restrict__ offset,
+                                const T* __restrict__ fx, const T* __restrict__ fy, int32_t row, int64_t n_keys,
+                                T scale, T* __restrict__ s, T* __restrict__ sx, T* __restrict__ sy) {
   for (int64_t n = 0; n < n_keys; ++n) {
     const int32_t i = offset[n];
     const T dx_top = t[i + 1] - t[i], dx_bottom = t[i + row + 1] - t[i + row];
-    const T dy_left = t[i + row] - t[i], dy_right = t[i + row + 1] - t[i + 1];
-    gx[n] += g[n] * (dx_top + fy[n] * (dx_bottom - dx_top));
-    gy[n] += g[n] * (dy_left + fx[n] * (dy_right - dy_left));
+    const T upper = t[i] + fx[n] * dx_top;
+    const T lower = t[i + row] + fx[n] * dx_bottom;
+    s[n] = s[n] * scale + (upper + fy[n] * (lower - upper));
+    sx[n] = dx_top + fy[n] * (dx_bottom - dx_top);
+    sy[n] = lower - upper;
   }
 }
 
@@ -165,17 +169,22 @@ inline float row_sum<float>(const float* __restrict__ s, int64_t n_keys) {
   return sum;
 }
 
-// One query's scores towards N keys in place: scale * s + bias, then the softmax over the keys.
+// One query's dS = P * (dL/dP - delta), in place of dL/dP in g, and the position gradients it adds to gx and
+// gy. A function of its own, with restrict pointers, so that the compiler vectorises it.
 template <typename T>
-inline void biased_softmax_row(const T* __restrict__ t, const int32_t* __restrict__ offset,
-                               const T* __restrict__ fx, const T* __restrict__ fy, int32_t row, int64_t n_keys,
-                               T scale, T* __restrict__ s) {
+inline void grad_and_slopes(const T* __restrict__ p, T delta, const T* __restrict__ sx, const T* __restrict__ sy,
+                            int64_t n_keys, T* __restrict__ g, T* __restrict__ gx, T* __restrict__ gy) {
   for (int64_t n = 0; n < n_keys; ++n) {
-    const int32_t i = offset[n];
-    const T upper = t[i] + fx[n] * (t[i + 1] - t[i]);
-    const T lower = t[i + row] + fx[n] * (t[i + row + 1] - t[i + row]);
-    s[n] = s[n] * scale + (upper + fy[n] * (lower - upper));
+    const T grad = p[n] * (g[n] - delta);
+    g[n] = grad;
+    gx[n] += grad * sx[n];
+    gy[n] += grad * sy[n];
   }
+}
+
+// The softmax of one query's biased scores over the keys, in place.
+template <typename T>
+inline void softmax_row(int64_t n_keys, T* __restrict__ s) {
   const T top = row_max(s, n_keys);
   for (int64_t n = 0; n < n_keys; ++n) {
     s[n] = softmax_exp(s[n] - top);
@@ -190,8 +199,8 @@ inline void biased_softmax_row(const T* __restrict__ t, const int32_t* __restric
 template <typename T>
 struct Corners {
   std::vector<int32_t> offset;
-  std::vector<T> fx, fy;
-  explicit Corners(int64_t n_keys) : offset(n_keys), fx(n_keys), fy(n_keys) {}
+  std::vector<T> fx, fy, sx, sy;   // sx, sy: one head's slopes, for softmax_backward_kernel
+  explicit Corners(int64_t n_keys) : offset(n_keys), fx(n_keys), fy(n_keys), sx(n_keys), sy(n_keys) {}
 };
 
 struct Shape {
@@ -218,8 +227,8 @@ void check_scores(const at::Tensor& t, const at::Tensor& table, const Shape& s) 
               "deformable bias: scores or their gradient of the wrong shape or dtype");
 }
 
-// Calls body(bg, m, offset, fx, fy) for every (image and group bg, query m) with corners() of its N keys,
-// in parallel over the queries.
+// Calls body(bg, m, c) for every (image and group bg, query m), with the thread's scratch c holding corners()
+// of its N keys, in parallel over the queries.
 template <typename T, typename Body>
 void for_each_query(const T* qx, const T* qy, const T* kx, const T* ky, const Shape& s, const Body& body) {
   at::parallel_for(0, s.batch_groups * s.queries, 1, [&](int64_t begin, int64_t end) {
@@ -228,7 +237,7 @@ void for_each_query(const T* qx, const T* qy, const T* kx, const T* ky, const Sh
       const int64_t bg = r / s.queries, m = r % s.queries;
       corners<T>(kx + bg * s.keys, ky + bg * s.keys, qx[m], qy[m], s.th, s.tw, s.keys, c.offset.data(),
                  c.fx.data(), c.fy.data());
-      body(bg, m, c.offset.data(), c.fx.data(), c.fy.data());
+      body(bg, m, c);
     }
   });
 }
@@ -236,53 +245,41 @@ void for_each_query(const T* qx, const T* qy, const T* kx, const T* ky, const Sh
 template <typename T>
 void bias_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, T* out, const Shape& s) {
   const int32_t row = static_cast<int32_t>(s.row());
-  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
-                                           const T* __restrict__ fx, const T* __restrict__ fy) {
+  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, Corners<T>& c) {
     for (int64_t h = 0; h < s.heads; ++h) {
-      read<T>(table + ((bg % s.groups) * s.heads + h) * s.plane(), offset, fx, fy, row, s.keys,
-              out + ((bg * s.heads + h) * s.queries + m) * s.keys);
+      read<T>(table + ((bg % s.groups) * s.heads + h) * s.plane(), c.offset.data(), c.fx.data(), c.fy.data(), row,
+              s.keys, out + ((bg * s.heads + h) * s.queries + m) * s.keys);
     }
   });
 }
 
+// scores hold q k^T on entry and leave with the probabilities P = softmax(scale * scores + bias); grad holds
+// dL/dP on entry and leaves with the scores' gradient dS = P * (dL/dP - delta), which is also the bias's:
+// its table and key gradients are added into per-thread copies, summed by the caller.
 template <typename T>
-void softmax_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, T scale, T* scores,
-                    const Shape& s) {
+void softmax_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, T scale,
+                             T* scores, const T* delta, T* grad, T* grad_table, T* grad_keys, int64_t threads,
+                             const Shape& s) {
   const int32_t row = static_cast<int32_t>(s.row());
-  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
-                                           const T* __restrict__ fx, const T* __restrict__ fy) {
-    for (int64_t h = 0; h < s.heads; ++h) {
-      biased_softmax_row<T>(table + ((bg % s.groups) * s.heads + h) * s.plane(), offset, fx, fy, row, s.keys,
-                            scale, scores + ((bg * s.heads + h) * s.queries + m) * s.keys);
-    }
-  });
-}
-
-// grad holds dL/dP on entry and leaves with the scores' gradient dS = P * (dL/dP - delta), which is also
-// the bias's: its table and key gradients are added into per-thread copies, summed by the caller.
-template <typename T>
-void softmax_backward_kernel(const T* table, const T* qx, const T* qy, const T* kx, const T* ky, const T* probs,
-                             const T* delta, T* grad, T* grad_table, T* grad_keys, int64_t threads, const Shape& s) {
-  const int32_t row = static_cast<int32_t>(s.row());
-  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, const int32_t* __restrict__ offset,
-                                           const T* __restrict__ fx, const T* __restrict__ fy) {
+  for_each_query<T>(qx, qy, kx, ky, s, [&](int64_t bg, int64_t m, Corners<T>& c) {
     const int64_t thread = at::get_thread_num();
     TORCH_CHECK(thread < threads, "deformable bias: more worker threads than at::get_num_threads()");
+    const int32_t* __restrict__ offset = c.offset.data();
+    const T* __restrict__ fx = c.fx.data();
+    const T* __restrict__ fy = c.fy.data();
+    T* __restrict__ sx = c.sx.data();
+    T* __restrict__ sy = c.sy.data();
     T* __restrict__ gx = grad_keys + (thread * s.batch_groups + bg) * 2 * s.keys;
     T* __restrict__ gy = gx + s.keys;
     for (int64_t h = 0; h < s.heads; ++h) {
       const int64_t plane = (bg % s.groups) * s.heads + h, query = (bg * s.heads + h) * s.queries + m;
-      const T* __restrict__ t = table + plane * s.plane();
       T* __restrict__ gt = grad_table + (thread * s.groups * s.heads + plane) * s.plane();
+      T* __restrict__ p = scores + query * s.keys;
       T* __restrict__ g = grad + query * s.keys;
-      const T* __restrict__ p = probs + query * s.keys;
-      const T d = delta[query];
-      for (int64_t n = 0; n < s.keys; ++n) {
-        g[n] = p[n] * (g[n] - d);
-      }
-      // Position gradients first, in a loop that vectorises; the scatter into the table cannot (two keys
-      // may share a cell).
-      read_slopes<T>(t, offset, fx, fy, g, row, s.keys, gx, gy);
+      add_bias_and_slopes<T>(table + plane * s.plane(), offset, fx, fy, row, s.keys, scale, p, sx, sy);
+      softmax_row<T>(s.keys, p);
+      grad_and_slopes<T>(p, delta[query], sx, sy, s.keys, g, gx, gy);
+      // The scatter into the table does not vectorise: two keys may share a cell.
       for (int64_t n = 0; n < s.keys; ++n) {
         const int32_t i = offset[n];
         const T bottom = g[n] * fy[n], top = g[n] - bottom;
@@ -313,29 +310,18 @@ void bias_out(const at::Tensor& table, const at::Tensor& qx, const at::Tensor& q
   });
 }
 
-// scores: q k^T of the chunk's queries, (B * groups * heads per group, M, N); replaced in place by the
-// attention probabilities softmax(scale * scores + bias).
-void biased_softmax_(const at::Tensor& table, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& kx,
-                     const at::Tensor& ky, double scale, const at::Tensor& scores) {
-  const Shape s = shape_of(table, qx, qy, kx, ky);
-  check_scores(scores, table, s);
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax", [&] {
-    softmax_kernel<scalar_t>(table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(),
-                             kx.data_ptr<scalar_t>(), ky.data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
-                             scores.data_ptr<scalar_t>(), s);
-  });
-}
-
-// probs: biased_softmax_'s result; grad: dL/dP, replaced in place by the scores' (and bias's) gradient;
-// delta: rowsum(dO * O), (B * groups * heads per group, M). Returns the padded table's gradient and the
-// gradient (B * groups, 2, N) of the keys' cell index, x then y: the keys' own is -(Tw - 1) / 2 and
-// -(Th - 1) / 2 times it.
+// The backward of one chunk's attention probabilities in one pass: scores, q k^T of the chunk's queries
+// (B * groups * heads per group, M, N), are replaced in place by the probabilities softmax(scale * scores +
+// bias); grad, dL/dP, by the scores' (and bias's) gradient; delta: rowsum(dO * O), (B * groups * heads per
+// group, M). Returns the padded table's gradient and the gradient (B * groups, 2, N) of the keys' cell index,
+// x then y: the keys' own is -(Tw - 1) / 2 and -(Th - 1) / 2 times it.
 std::tuple<at::Tensor, at::Tensor> biased_softmax_backward_(const at::Tensor& table, const at::Tensor& qx,
                                                             const at::Tensor& qy, const at::Tensor& kx,
-                                                            const at::Tensor& ky, const at::Tensor& probs,
-                                                            const at::Tensor& delta, const at::Tensor& grad) {
+                                                            const at::Tensor& ky, double scale,
+                                                            const at::Tensor& scores, const at::Tensor& delta,
+                                                            const at::Tensor& grad) {
   const Shape s = shape_of(table, qx, qy, kx, ky);
-  check_scores(probs, table, s);
+  check_scores(scores, table, s);
   check_scores(grad, table, s);
   TORCH_CHECK(delta.is_contiguous() && delta.scalar_type() == table.scalar_type() &&
                   delta.numel() == s.batch_groups * s.heads * s.queries,
@@ -346,8 +332,9 @@ std::tuple<at::Tensor, at::Tensor> biased_softmax_backward_(const at::Tensor& ta
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "deformable_biased_softmax_backward", [&] {
     softmax_backward_kernel<scalar_t>(
         table.data_ptr<scalar_t>(), qx.data_ptr<scalar_t>(), qy.data_ptr<scalar_t>(), kx.data_ptr<scalar_t>(),
-        ky.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-        grad.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(), grad_keys.data_ptr<scalar_t>(), threads, s);
+        ky.data_ptr<scalar_t>(), static_cast<scalar_t>(scale), scores.data_ptr<scalar_t>(),
+        delta.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(),
+        grad_keys.data_ptr<scalar_t>(), threads, s);
   });
   return {grad_table.sum(0), grad_keys.sum(0)};
 }
@@ -356,14 +343,11 @@ std::tuple<at::Tensor, at::Tensor> biased_softmax_backward_(const at::Tensor& ta
 // writes in order.
 TORCH_LIBRARY(dat_mm, m) {
   m.def("deformable_bias_out(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, Tensor(a!) out) -> ()");
-  m.def("deformable_biased_softmax_(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, float scale, "
-        "Tensor(a!) scores) -> ()");
   m.def("deformable_biased_softmax_backward_(Tensor table, Tensor qx, Tensor qy, Tensor kx, Tensor ky, "
-        "Tensor probs, Tensor delta, Tensor(a!) grad) -> (Tensor, Tensor)");
+        "float scale, Tensor(a!) scores, Tensor delta, Tensor(b!) grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dat_mm, CPU, m) {
   m.impl("deformable_bias_out", &bias_out);
-  m.impl("deformable_biased_softmax_", &biased_softmax_);
   m.impl("deformable_biased_softmax_backward_", &biased_softmax_backward_);
 }

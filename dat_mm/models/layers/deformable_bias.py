@@ -107,12 +107,8 @@ def _register_fake_kernels() -> None:
     def _bias_out(table, qx, qy, kx, ky, out):
         return None
 
-    @torch.library.register_fake('dat_mm::deformable_biased_softmax_')
-    def _biased_softmax(table, qx, qy, kx, ky, scale, scores):
-        return None
-
     @torch.library.register_fake('dat_mm::deformable_biased_softmax_backward_')
-    def _biased_softmax_backward(table, qx, qy, kx, ky, probs, delta, grad):
+    def _biased_softmax_backward(table, qx, qy, kx, ky, scale, scores, delta, grad):
         return table.new_empty(table.shape), kx.new_empty(kx.shape[0], 2, kx.shape[1])
 
 
