@@ -129,15 +129,9 @@ class DeformableAttention(nn.Module):
         sampled = F.grid_sample(x.reshape(batch * groups, channels // groups, height, width).to(cdtype),
                                 pos_xy, mode='bilinear', align_corners=True).to(x.dtype)
         sampled = sampled.reshape(batch, channels, hk, wk)
-        num_keys = hk * wk
-        k = self.proj_k(sampled).reshape(batch * heads, -1, num_keys)
-        v = self.proj_v(sampled).reshape(batch * heads, -1, num_keys)
-        q = q.reshape(batch * heads, -1, height * width)
-
         attend = self._attend if self.reference else self._attend_chunked
-        out = attend(q, k, v, pos_xy.reshape(batch * groups, num_keys, 2), height, width)
-        out = self.proj_out(out.reshape(batch, channels, height, width))
-        return out, pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
+        out = attend(q, self.proj_k(sampled), self.proj_v(sampled), pos_xy.reshape(batch * groups, hk * wk, 2))
+        return self.proj_out(out), pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
 
     def _offsets(self, q: torch.Tensor) -> torch.Tensor:
         """(B*g, 2, Hk, Wk) offsets from each group's channels of q (B, C, H, W)."""
@@ -156,32 +150,40 @@ class DeformableAttention(nn.Module):
                              displacement, mode='bilinear', align_corners=True)
         return bias.reshape(-1, query.shape[0], pos.shape[1])
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
-        """Reference path. q: (B*heads, d, HW); k, v: (B*heads, d, Ns); pos: (B*g, Ns, 2), the keys' (x, y).
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Reference path. q: (B, C, H, W); k, v: (B, C, Hk, Wk); pos: (B*g, Hk*Wk, 2), the keys' (x, y).
 
-        Returns (B*heads, d, HW).
+        Returns (B, C, H, W).
         """
+        batch, channels, height, width = q.shape
+        q, k, v = (t.reshape(batch * self.num_heads, channels // self.num_heads, -1) for t in (q, k, v))
         scores = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
         query = _query_grid(height, width, self.version, pos.device, pos.dtype).flip(-1)
         scores = scores + self._bias(query, pos).to(scores.dtype)
-        return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v)
+        return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v).reshape(batch, channels, height, width)
 
-    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                        height: int, width: int) -> torch.Tensor:
+    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
-        batch_heads, dim, num_keys = k.shape
-        batch, heads = batch_heads // self.num_heads, self.num_heads
+        batch, channels, height, width = q.shape
+        heads = self.num_heads
         # (x, y) order and the factor 1/2 of the displacement are applied once, on the small tensors.
         query = size_cached(_query_points, height, width, self.version, pos.device, pos.dtype)
         keys = pos * 0.5
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, heads, dim, -1).transpose(2, 3).contiguous()
+            """(B, C, h, w) -> (B, heads, h*w, d) in one copy, whose gradient comes back in t's own layout:
+            channels last for q, as the block's maps are; NCHW for k and v, from grid_sample."""
+            if t.stride(1) == 1:
+                t = t.permute(0, 2, 3, 1).reshape(batch, -1, heads, channels // heads).transpose(1, 2)
+            else:
+                t = t.reshape(batch, heads, channels // heads, -1).transpose(2, 3)
+            return t.contiguous()
 
         out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v), self.rpe_table, keys,
                                             query, self.groups, self.scale, attention_plan(q.device))
-        return out.transpose(2, 3).reshape(batch_heads, dim, height * width)
+        # Back to a map laid out channels last, as q and the block's other maps are: proj_out and the residual
+        # add then run without a layout conversion, in either pass.
+        return out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.Tensor:
@@ -363,7 +365,9 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         q, k, v, table, keys, query, out = ctx.saved_tensors
         batch_groups, dim = keys.shape[0], q.shape[-1]
         k3, v3 = k.flatten(0, 1), v.flatten(0, 1)
-        q4, out4, grad_out4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, out, grad_out))
+        # reshape: grad_out comes back through the channels-last output, a view that splits into the groups
+        # only for one image.
+        q4, out4, grad_out4 = (t.reshape(batch_groups, -1, t.shape[2], dim) for t in (q, out, grad_out))
         lookup = _lookup(table, keys, query, ctx.groups, ctx.plan)
         chunks = _chunks(q, k, keys.dtype, ctx.plan)
         grad_q = torch.empty_like(q) if len(chunks) > 1 else None

@@ -234,7 +234,7 @@ class _TiledAttention(torch.autograd.Function):
                              for x in (out, grad_out))
                 grad_q, grad_k, grad_v, grad_s = attention_backward(
                     by_head(q), by_head(k), by_head(v), by_head(bias[kind]), by_head(o), by_head(grad_o), ctx.scale)
-                grad_bias[kind] += grad_s.view_as(bias[kind])
+                grad_bias[kind].add_(grad_s.view_as(bias[kind]))   # `+=` would copy the sum onto itself
                 grad_qkv[0, image].index_add_(0, query_index[row], by_pixel(grad_q))
                 grad_qkv[1, image].index_add_(0, key_index[row], by_pixel(grad_k))
                 grad_qkv[2, image].index_add_(0, key_index[row], by_pixel(grad_v))
