@@ -107,14 +107,16 @@ class DATStage(nn.Module):
         self.drop_paths = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
     def _block(self, i: int, x: torch.Tensor):
+        # Each residual is added into its branch's output, which no backward needs, instead of into a new
+        # map: a new map costs its first touch (page faults), and one map less is alive at a time.
         if self.local_perception_units is not None:
-            x = x + self.local_perception_units[i](x)
+            x = self.local_perception_units[i](x).add_(x)
         out = self.attns[i](self.layer_norms[2 * i](x))
         points = None
         if isinstance(out, tuple):
             out, *points = out
-        x = x + self.drop_paths[i](out)
-        x = x + self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x)))
+        x = self.drop_paths[i](out).add_(x)
+        x = self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x))).add_(x)
         return x, points
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
