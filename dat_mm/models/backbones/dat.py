@@ -73,6 +73,15 @@ def resolve_arch(arch: Union[str, dict], deform_strides: Optional[Sequence[int]]
     return full
 
 
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, added into the branch's output where autograd records nothing: a new map costs its first
+    touch (page faults). Under autograd the branch is often a view (a permuted linear output), and an
+    in-place add to a view adds copies to the backward."""
+    if x.requires_grad or branch.requires_grad:
+        return x + branch
+    return branch.add_(x)
+
+
 class DATStage(nn.Module):
     """One stage: ``depth`` residual blocks, x = x + attn(LN(x)); x = x + MLP(LN(x)).
 
@@ -107,16 +116,14 @@ class DATStage(nn.Module):
         self.drop_paths = nn.ModuleList(DropPath(p) if p > 0 else nn.Identity() for p in drop_path)
 
     def _block(self, i: int, x: torch.Tensor):
-        # Each residual is added into its branch's output, which no backward needs, instead of into a new
-        # map: a new map costs its first touch (page faults), and one map less is alive at a time.
         if self.local_perception_units is not None:
-            x = self.local_perception_units[i](x).add_(x)
+            x = _residual(x, self.local_perception_units[i](x))
         out = self.attns[i](self.layer_norms[2 * i](x))
         points = None
         if isinstance(out, tuple):
             out, *points = out
-        x = self.drop_paths[i](out).add_(x)
-        x = self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x))).add_(x)
+        x = _residual(x, self.drop_paths[i](out))
+        x = _residual(x, self.drop_paths[i](self.mlps[i](self.layer_norms[2 * i + 1](x))))
         return x, points
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[List[torch.Tensor]]]]:
