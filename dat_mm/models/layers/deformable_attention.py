@@ -108,7 +108,7 @@ class DeformableAttention(nn.Module):
         """x: (B, C, H, W). Returns the output (B, C, H, W), the sampling positions and their reference
         points, both (B, groups, Hk, Wk, 2) in (y, x) order, normalised to [-1, 1]."""
         batch, channels, height, width = x.shape
-        groups, heads = self.groups, self.num_heads
+        groups = self.groups
         cdtype = _coord_dtype(x)
 
         q = self.proj_q(x)
