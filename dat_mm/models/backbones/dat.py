@@ -76,8 +76,9 @@ def resolve_arch(arch: Union[str, dict], deform_strides: Optional[Sequence[int]]
 def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """x + branch, added into the branch's output where autograd records nothing: a new map costs its first
     touch (page faults). Under autograd the branch is often a view (a permuted linear output), and an
-    in-place add to a view adds copies to the backward."""
-    if x.requires_grad or branch.requires_grad:
+    in-place add to a view adds copies to the backward. Under autocast the two may differ in dtype, where
+    x + branch promotes and an in-place add would not."""
+    if x.requires_grad or branch.requires_grad or x.dtype != branch.dtype:
         return x + branch
     return branch.add_(x)
 
