@@ -1,4 +1,5 @@
-"""Access to ../shared/golden: the authors' reference outputs, and our backbone built to match them."""
+"""The golden data (tests/data/golden, see its README): the authors' reference outputs, and our backbone built
+to match them."""
 import json
 import os
 from pathlib import Path
@@ -7,14 +8,14 @@ import torch
 
 from dat_mm import DAT
 
-GOLDEN_DIR = Path(os.environ.get('DAT_MM_GOLDEN', Path(__file__).resolve().parents[2] / 'shared' / 'golden'))
+GOLDEN_DIR = Path(os.environ.get('DAT_MM_GOLDEN', Path(__file__).resolve().parent / 'data' / 'golden'))
 
 
 def load_bundle(name: str) -> dict:
     path = GOLDEN_DIR / f'{name}_mini.pt'
     if not path.exists():
-        raise FileNotFoundError(f'{path} not found: the golden data must sit in ../shared/golden '
-                                '(or set DAT_MM_GOLDEN)')
+        raise FileNotFoundError(f'{path} not found: the golden data ships in tests/data/golden '
+                                '(DAT_MM_GOLDEN points elsewhere)')
     return torch.load(path, weights_only=True)
 
 

@@ -33,7 +33,7 @@ def test_config_builds_with_its_recipe(name):
         assert any(t.type == 'RandomChoice' for t in cfg.train_dataloader.dataset.pipeline)
 
 
-# The DAT paper's sizes (../shared/spec/DAT.md section 6), millions of parameters.
+# The DAT paper's sizes (docs/recipes.md), millions of parameters.
 @pytest.mark.parametrize('name,published', [('mask-rcnn_dat-t_fpn_1x_coco.py', 48),
                                             ('mask-rcnn_dat-s_fpn_1x_coco.py', 69),
                                             ('cascade-mask-rcnn_dat-s_fpn_ms-crop-3x_coco.py', 107)])

@@ -33,7 +33,7 @@ def test_config_builds_with_its_recipe(name):
     assert cfg.tta_pipeline is not None   # multi-scale + flip testing via tools/test.py --tta
 
 
-# The DAT paper's sizes (../shared/spec/DAT.md section 6), millions of parameters.
+# The DAT paper's sizes (docs/recipes.md), millions of parameters.
 @pytest.mark.parametrize('name,published', [
     ('upernet_dat-t_8xb2-160k_ade20k-512x512.py', 60), ('upernet_dat-s_8xb2-160k_ade20k-512x512.py', 81),
     ('upernet_dat-b_8xb2-160k_ade20k-512x512.py', 121), ('fpn_dat-t_8xb4-40k_ade20k-512x512.py', 32),

@@ -1,4 +1,4 @@
-"""Every config against the training recipe it claims: ../shared/spec/DAT.md section 5 for DAT++ (the
+"""Every config against the training recipe it claims: docs/recipes.md for DAT++ (the
 authors' dense-prediction configs), the Swin / PVT recipes for DAT v1."""
 import pytest
 

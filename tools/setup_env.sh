@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds .venv with the pinned OpenMMLab stack (facts behind each pin: ../shared/spec/ENVIRONMENT.md).
+# Builds .venv with the pinned OpenMMLab stack (why each pin: docs/installation.md).
 # Idempotent: a venv whose stamp matches this script and setup.py is left alone, and the compiled mmcv
 # wheel is kept in DAT_MM_WHEEL_CACHE so a new clone never compiles it again.
 #

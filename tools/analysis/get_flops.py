@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from dat_mm.runner import build_model  # noqa: E402
 
-# (params M, GFLOPs) from ../shared/spec/DAT.md sections 4 and 6; None where the paper gives none.
+# (params M, GFLOPs) as the papers publish them (docs/recipes.md); None where the paper gives none.
 PUBLISHED = {
     'mask-rcnn_dat-t_fpn_1x_coco.py': (48, 272), 'mask-rcnn_dat-s_fpn_1x_coco.py': (69, 378),
     'cascade-mask-rcnn_dat-s_fpn_ms-crop-3x_coco.py': (107, 857),

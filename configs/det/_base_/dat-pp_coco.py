@@ -1,4 +1,4 @@
-# The DAT++ authors' COCO recipe (../../shared/spec/DAT.md section 5): 500-iteration warm-up, total batch 64
+# The DAT++ authors' COCO recipe (docs/recipes.md): 500-iteration warm-up, total batch 64
 # (2 images per GPU; pass --auto-scale-lr to scale the LR to another total), fp16 mixed precision.
 # The LR (2e-4 RetinaNet, 4e-4 otherwise) is set by each detector's config.
 _base_ = './dat_coco.py'
