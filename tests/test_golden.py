@@ -1,4 +1,4 @@
-"""Our DAT against the outputs of the authors' code (../shared/golden)."""
+"""Our DAT against the outputs of the authors' code (tests/data/golden)."""
 import json
 import math
 
@@ -76,7 +76,7 @@ def test_gradients_match_authors(name, reference):
             assert rel_err(ours, theirs) < 1e-5, f'{key}: {rel_err(ours, theirs):.2e}'
 
 
-# Published ImageNet-1K parameter counts (../shared/spec/DAT.md section 4), millions, classifier included.
+# Published ImageNet-1K parameter counts (docs/recipes.md), millions, classifier included.
 PRESETS = {'tiny': ('dat_v1_tiny', 28.3), 'small': ('dat_v1_small', 49.7), 'base': ('dat_v1_base', 87.9),
            'tiny++': ('dat_pp_tiny', 24.0), 'small++': ('dat_pp_small', 53.1), 'base++': ('dat_pp_base', 93.7)}
 
@@ -107,9 +107,9 @@ def test_bundle_weights_load_completely():
 @pytest.mark.parametrize('name,case', [('v1', '224x224_b1_grads'), ('pp', '224x224_b1_grads')])
 def test_fast_path_split_into_many_chunks_matches_authors(name, case, lookup, monkeypatch):
     from dat_mm.models.layers import deformable_attention, deformable_bias
-    if lookup == 'device-plan':   # a bias budget of 64 KB: a few query rows per chunk
+    if lookup == 'device-plan':   # an attention budget of 64 KB: a few query rows per chunk
         monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
-        monkeypatch.setenv('DAT_MM_BIAS_BUDGET_MB', str(64 / 1024))
+        monkeypatch.setenv('DAT_MM_ATTENTION_BUDGET_MB', str(64 / 1024))
     else:
         monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'cpu')
         monkeypatch.setattr(deformable_attention, 'CHUNK_ELEMENTS', 4096)   # a few query rows per chunk
@@ -120,7 +120,7 @@ def test_fast_path_split_into_many_chunks_matches_authors(name, case, lookup, mo
     x = ref['input'].double().requires_grad_()
     calls = []
     chunks = deformable_attention._chunks
-    monkeypatch.setattr(deformable_attention, '_chunks', lambda *args: calls.append(chunks(*args)) or calls[-1])
+    monkeypatch.setattr(deformable_attention, '_chunks', lambda *a, **kw: calls.append(chunks(*a, **kw)) or calls[-1])
     outs = stage_outputs(model, x)
     assert max(len(c) for c in calls) > 10
     assert max(rel_err(o, r) for o, r in zip(outs, ref['stage_outputs'])) < 1e-6

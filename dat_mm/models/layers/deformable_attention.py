@@ -7,7 +7,7 @@ from torch import nn
 from . import deformable_bias
 from .attention_backward import DenseBias, attention_backward
 from .norm import LayerNorm2d
-from .plan import attention_plan, bias_budget_bytes, size_cached
+from .plan import attention_budget_bytes, attention_plan, size_cached
 
 
 def _grid(height: int, width: int, shift: float, by_last_index: bool, device: torch.device,
@@ -229,6 +229,15 @@ class _KernelLookup:
     def chunk(self, rows: slice) -> '_KernelChunk':
         return _KernelChunk(self, rows)
 
+    @staticmethod
+    def transient_bytes(heads: int, coord: int, query: int, backward: bool) -> int:
+        """Bytes that a chunk holds at once per (image and group, query, key), for ``heads`` heads per group and
+        coordinates and q of ``coord`` and ``query`` bytes per element. Forward: the bias, and its copy in q's
+        dtype; backward: the scores becoming P in place, and dS."""
+        if backward:
+            return 2 * heads * coord
+        return heads * coord + (heads * query if query != coord else 0)
+
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
         th, tw = self.table_shape[1:]
         grad_table = self.grad_table[..., 1:-1, 1:-1].reshape(self.table_shape)
@@ -253,21 +262,21 @@ class _KernelChunk:
         self.lookup.grad_keys = self.lookup.grad_keys + grad_keys
         return probs, grad_s
 
+    def take_gradient(self, grad_scores: torch.Tensor) -> None:
+        """The kernel pass above took the table and key gradients already."""
+
 
 class _GridSampleChunk(DenseBias):
-    """One chunk of queries for :func:`attention_backward` through the grid_sample lookup, which takes the
-    table and key gradients from dS."""
+    """One chunk of queries for :func:`attention_backward` through the grid_sample lookup: the scores are added
+    into the chunk's own bias, and the table and key gradients are taken from dS once P is freed."""
 
     def __init__(self, lookup: '_GridSampleLookup', rows: slice) -> None:
         bias = lookup.bias(rows)
-        super().__init__(bias.flatten(0, 1))
+        super().__init__(bias.flatten(0, 1), owned=True)
         self.lookup, self.rows, self.shape = lookup, rows, bias.shape
 
-    def probs_and_grad_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                              delta: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        probs, grad_s = super().probs_and_grad_scores(q, k, v, grad_out, delta, scale)
-        self.lookup.add_gradient(self.rows, grad_s.view(self.shape))
-        return probs, grad_s
+    def take_gradient(self, grad_scores: torch.Tensor) -> None:
+        self.lookup.add_gradient(self.rows, grad_scores.view(self.shape))
 
 
 class _GridSampleLookup:
@@ -300,6 +309,16 @@ class _GridSampleLookup:
     def chunk(self, rows: slice) -> _GridSampleChunk:
         return _GridSampleChunk(self, rows)
 
+    @staticmethod
+    def transient_bytes(heads: int, coord: int, query: int, backward: bool) -> int:
+        """As :meth:`_KernelLookup.transient_bytes`. Both passes build the (queries, keys, 2) grid beside the bias;
+        the forward may copy the bias into q's dtype; the backward adds the scores into the bias, takes their
+        softmax P (two maps at once), forms dP beside P, then, P freed, holds dS, the grid again and its gradient."""
+        build = 2 * coord + heads * coord
+        if backward:
+            return max(build, 2 * heads * coord, heads * coord + 4 * coord)
+        return max(build, heads * coord + (heads * query if query != coord else 0))
+
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
         # The grid is query - key.
         return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_grid.neg()
@@ -311,16 +330,18 @@ def _lookup(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups
     return _GridSampleLookup(table, keys, query, groups)
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor, bias_dtype: torch.dtype, plan: str) -> List[slice]:
-    """Slices of the M queries of q (B, heads, M, d) towards the Ns keys of k: blocks of CHUNK_ELEMENTS bias
-    elements in the cpu plan, as few as the bias budget allows in the device plan."""
+def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: torch.dtype, plan: str,
+            backward: bool) -> List[slice]:
+    """Slices of the M queries of q (B, heads, M, d) towards the Ns keys of k, each holding at most the attention
+    budget in (queries, keys) transients (``lookup.transient_bytes``), in blocks of at most CHUNK_ELEMENTS bias
+    elements in the cpu plan and as few blocks as the budget allows in the device plan."""
     batch, heads, queries, _ = q.shape
-    per_query = batch * heads * k.shape[2]
+    per_query = batch * groups * k.shape[2] * lookup.transient_bytes(
+        heads // groups, coord_dtype.itemsize, q.dtype.itemsize, backward)
+    count = max(1, -(-per_query * queries // attention_budget_bytes()))
+    step = -(-queries // count)
     if plan == 'cpu':
-        step = max(1, CHUNK_ELEMENTS // per_query)
-    else:
-        count = max(1, -(-per_query * queries * bias_dtype.itemsize // bias_budget_bytes()))
-        step = -(-queries // count)
+        step = min(step, max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2])))
     return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 
 
@@ -345,7 +366,7 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         batch_groups, dim = keys.shape[0], q.shape[-1]
         q4, k4, v4 = (t.view(batch_groups, -1, t.shape[2], dim) for t in (q, k, v))
         lookup = _lookup(table, keys, query, groups, plan)
-        chunks = _chunks(q, k, keys.dtype, plan)
+        chunks = _chunks(q, k, lookup, groups, keys.dtype, plan, backward=False)
         if len(chunks) == 1:
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=lookup.bias(chunks[0]).to(q.dtype),
                                                  scale=scale).view_as(q)
@@ -369,19 +390,20 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
         # only for one image.
         q4, out4, grad_out4 = (t.reshape(batch_groups, -1, t.shape[2], dim) for t in (q, out, grad_out))
         lookup = _lookup(table, keys, query, ctx.groups, ctx.plan)
-        chunks = _chunks(q, k, keys.dtype, ctx.plan)
+        chunks = _chunks(q, k, lookup, ctx.groups, keys.dtype, ctx.plan, backward=True)
         grad_q = torch.empty_like(q) if len(chunks) > 1 else None
         grad_k = grad_v = None
         for rows in chunks:
+            # In the working precision (fp32 under half precision): dK and dV sum over the chunks, rounded once.
             d_q, d_k, d_v, _ = attention_backward(
                 q4[:, :, rows].flatten(0, 1), k3, v3, lookup.chunk(rows), out4[:, :, rows].flatten(0, 1),
                 grad_out4[:, :, rows].flatten(0, 1), ctx.scale)
             if grad_q is None:   # a single chunk
-                grad_q = d_q.view_as(q)
+                grad_q = d_q.to(q.dtype).view_as(q)
             else:
                 grad_q.view_as(q4)[:, :, rows] = d_q.view_as(q4[:, :, rows])
             grad_k = d_k if grad_k is None else grad_k.add_(d_k)
             grad_v = d_v if grad_v is None else grad_v.add_(d_v)
         grad_table, grad_keys = lookup.gradients()
-        return (grad_q, grad_k.view_as(k), grad_v.view_as(v), grad_table.to(table.dtype), grad_keys,
-                None, None, None, None)
+        return (grad_q, grad_k.to(k.dtype).view_as(k), grad_v.to(v.dtype).view_as(v), grad_table.to(table.dtype),
+                grad_keys, None, None, None, None)

@@ -6,20 +6,27 @@ Two plans compute the same numbers:
   attention), sized for a few CPU cores' caches. On a GPU each op of such a loop is a kernel launch, tens of
   thousands per training step.
 - ``'device'``: each attention layer as a handful of whole-tensor ops, looping over query chunks only where
-  one layer's deformable bias would pass ``DAT_MM_BIAS_BUDGET_MB`` (default 1024). No op reads a tensor's
-  value back to the host, and the backbone compiles into one graph (``torch.compile(fullgraph=True)``).
+  one deformable layer's (queries, keys) tensors would pass the attention budget (below). No op reads a
+  tensor's value back to the host, and the backbone compiles into one graph (``torch.compile(fullgraph=True)``).
+
+``DAT_MM_ATTENTION_BUDGET_MB`` (default 1024) bounds what one chunk of a deformable layer holds at once of
+tensors that grow with queries x keys, in either pass and either plan: the bias, the sampling grid, the bias's
+copy in q's dtype, the probabilities P, dS and the lookup's gradient buffers. ``DAT_MM_BIAS_BUDGET_MB``, which
+bounded the bias alone, is still read, with a deprecation warning, where the new variable is not set.
 
 CUDA runs the device plan, CPU the cpu plan; ``DAT_MM_ATTENTION_PLAN=device|cpu`` forces one on any device,
 so that the GPU's code path can be tested and its ops counted on a CPU.
 """
 import os
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
 import torch
 
 PLAN_VARIABLE = 'DAT_MM_ATTENTION_PLAN'
-BUDGET_VARIABLE = 'DAT_MM_BIAS_BUDGET_MB'
+BUDGET_VARIABLE = 'DAT_MM_ATTENTION_BUDGET_MB'
+OLD_BUDGET_VARIABLE = 'DAT_MM_BIAS_BUDGET_MB'
 PLANS = ('cpu', 'device')
 
 
@@ -33,16 +40,22 @@ def attention_plan(device: torch.device) -> str:
     return 'cpu' if device.type == 'cpu' else 'device'
 
 
-def bias_budget_bytes() -> int:
-    """The largest deformable bias (all heads and images of one layer, in bytes) that the device plan
-    builds at once; a layer whose bias is larger attends in that many chunks of queries."""
-    value = os.environ.get(BUDGET_VARIABLE, '1024')
+def attention_budget_bytes() -> int:
+    """The most that one chunk of a deformable layer holds at once in (queries, keys) transients, in bytes."""
+    name = BUDGET_VARIABLE
+    if name not in os.environ and OLD_BUDGET_VARIABLE in os.environ:
+        name = OLD_BUDGET_VARIABLE
+        if not torch.compiler.is_compiling():   # eager calls warn; a traced one would break the graph
+            warnings.warn(f'{OLD_BUDGET_VARIABLE} is deprecated: it now sets {BUDGET_VARIABLE}, the bound on all '
+                          'of a deformable-attention chunk\'s (queries x keys) tensors, not on its bias alone; '
+                          f'set {BUDGET_VARIABLE} instead', FutureWarning, stacklevel=2)
+    value = os.environ.get(name, '1024')
     try:
         megabytes = float(value)
     except ValueError:
         megabytes = -1.0
     if megabytes <= 0:
-        raise ValueError(f'{BUDGET_VARIABLE}={value!r}: expected a positive number of megabytes')
+        raise ValueError(f'{name}={value!r}: expected a positive number of megabytes')
     return int(megabytes * 2 ** 20)
 
 
