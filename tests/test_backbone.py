@@ -17,26 +17,38 @@ def arch(request):
     return mini_arch(request.param)
 
 
-@pytest.mark.parametrize('size', [(97, 133), (64, 200), (35, 47)])
-def test_any_input_size_gives_finite_features_of_the_right_shape(arch, size):
+@pytest.mark.parametrize('size', [(97, 133), (64, 200), (35, 47), (512, 683), (333, 517), (31, 5)])
+def test_any_input_size_gives_finite_features_of_the_ceil_sizes(arch, size):
+    """Stage i is ceil(H / 2^(i+2)) x ceil(W / 2^(i+2)) in both families: v1 pads to whole patches (as mmdet's
+    Swin does) where it used to drop the last rows and columns, DAT++ convolves with padding."""
     model = DAT(arch=arch).eval()
     with torch.no_grad():
-        feats = model(torch.randn(3, 3, *size))
+        feats = model(torch.randn(2, 3, *size))
     h, w = size
     for i, f in enumerate(feats):
         stride = 4 * 2 ** i
-        # v1 patchifies (floor), DAT++ convolves with padding (ceil).
-        expect = (h // stride, w // stride) if arch['version'] == 1 else (-(-h // stride), -(-w // stride))
-        assert f.shape == (3, arch['dims'][i], *expect)
+        assert f.shape == (2, arch['dims'][i], -(-h // stride), -(-w // stride))
         assert torch.isfinite(f).all()
 
 
+def test_the_last_rows_and_columns_reach_the_features(arch):
+    """At 333x517 the bottom 13 rows and the right 5 columns fill no whole 32-pixel patch of stage 4: DAT v1 once
+    dropped them, so that changing them changed no output."""
+    model = DAT(arch=arch).eval()
+    x = torch.randn(1, 3, 333, 517)
+    edited = x.clone()
+    edited[:, :, -1, -1] += 10.0   # the bottom-right pixel alone
+    with torch.no_grad():
+        before, after = model(x), model(edited)
+    for f, g in zip(before, after):   # the corner feature of every stage
+        assert (f - g)[..., -1, -1].abs().max() > 1e-3
+
+
 def test_degenerate_one_pixel_stages_are_finite(arch):
-    # 32x32 (v1) and 8x8 (DAT++) leave 1x1 maps in the deepest stages, where the authors' grids divide by 0.
-    size = 32 if arch['version'] == 1 else 8
+    # 8x8 leaves 1x1 maps in the deepest stages, where the authors' grids divide by 0.
     model = DAT(arch=arch).eval()
     with torch.no_grad():
-        feats = model(torch.randn(1, 3, size, size))
+        feats = model(torch.randn(1, 3, 8, 8))
     assert feats[-1].shape[-2:] == (1, 1)
     assert all(torch.isfinite(f).all() for f in feats)
 
@@ -81,19 +93,43 @@ def test_wrong_input_raises_a_clear_error(bad):
         DAT(arch='tiny++')(bad)
 
 
-def test_v1_input_smaller_than_32_is_rejected():
-    with pytest.raises(ValueError, match='at least 32'):
-        DAT(arch='tiny')(torch.randn(1, 3, 31, 64))
-
-
 @pytest.mark.parametrize('kwargs,error', [
     (dict(arch='huge'), KeyError), (dict(arch=dict(version=3)), KeyError),
     (dict(arch={**mini_arch('pp'), 'blocks': ['NL'] * 4}), ValueError),
     (dict(arch='tiny', frozen_stages=5), ValueError), (dict(arch='tiny', out_indices=(0, 0)), ValueError),
+    (dict(arch='tiny', out_indices=(0, -4)), ValueError),
+    (dict(arch='tiny', out_indices=(4,)), ValueError), (dict(arch='tiny', out_indices=(1, -5)), ValueError),
+    (dict(arch='tiny', out_indices=()), ValueError),
+    (dict(arch='tiny', init_cfg=[dict(type='Pretrained', checkpoint='a.pth'), dict(type='Pretrained', checkpoint='b.pth')]),
+     ValueError),
+    (dict(arch='tiny', init_cfg=dict(type='Pretrained')), ValueError),
+    (dict(arch='tiny', init_cfg=['Pretrained']), TypeError),
     (dict(arch='tiny', deform_strides=(1, 1, 2)), ValueError), (dict(arch='tiny', deform_strides=(1, 1, 0, 1)), ValueError)])
 def test_bad_configs_are_rejected(kwargs, error):
     with pytest.raises(error):
         DAT(**kwargs)
+
+
+def test_negative_out_indices_count_from_the_last_stage():
+    assert DAT(arch='tiny++', out_indices=(-1, 1)).out_indices == (1, 3)
+
+
+def test_a_list_init_cfg_applies_the_checkpoint_over_the_other_initialisers(tmp_path):
+    """MMEngine allows init_cfg to be a list; as its BaseModule does, a Pretrained entry is applied last."""
+    torch.manual_seed(0)
+    arch = mini_arch('pp')
+    source = DAT(arch=arch)
+    source.init_weights()
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': source.state_dict()}, path)
+    zero_convs = dict(type='Constant', layer='Conv2d', val=0.0, bias=0.0)
+    only_init = DAT(arch=arch, init_cfg=[zero_convs])
+    only_init.init_weights()
+    assert only_init.patch_proj[0].weight.abs().max() == 0
+    both = DAT(arch=arch, init_cfg=[dict(type='Pretrained', checkpoint=str(path)), zero_convs])
+    both.init_weights()
+    for name, value in source.state_dict().items():
+        assert torch.equal(both.state_dict()[name], value), name
 
 
 def test_frozen_stages_stay_frozen_through_train(arch):
@@ -108,6 +144,26 @@ def test_frozen_stages_stay_frozen_through_train(arch):
     sum(f.sum() for f in feats).backward()
     assert all(p.grad is None for m in frozen for p in m.parameters())
     assert all(p.grad is not None for p in model.stages[3].parameters())
+
+
+@pytest.mark.parametrize('frozen_stages', [-1, 0, 1])
+def test_checkpointing_covers_every_stage_that_trains(arch, frozen_stages, monkeypatch):
+    """Behind the frozen stem (frozen_stages=0) or a frozen stage the input needs no gradient; the stage's own
+    activations still fill memory, and those are what with_cp is for."""
+    from dat_mm.models.backbones import dat
+    calls = []
+    checkpoint = dat.cp.checkpoint
+    monkeypatch.setattr(dat.cp, 'checkpoint', lambda fn, i, x, **kw: calls.append(fn.__self__) or checkpoint(fn, i, x, **kw))
+    model = DAT(arch=arch, with_cp=True, frozen_stages=frozen_stages)
+    model.train()
+    sum(f.sum() for f in model(torch.randn(1, 3, 64, 64))).backward()
+    trained = model.stages[max(frozen_stages, 0):]
+    assert [stage for stage in model.stages if stage in calls] == list(trained)
+    assert len(calls) == sum(len(stage.attns) for stage in trained)
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert not calls, 'nothing to save memory for without autograd'
 
 
 def test_checkpointing_gives_the_same_outputs_and_gradients(arch):

@@ -6,10 +6,11 @@ import copy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import constant_init, trunc_normal_init
+from mmengine.model.weight_init import constant_init, initialize, trunc_normal_init
 from torch import nn
 
 from ...checkpoint import load_backbone_checkpoint
@@ -73,6 +74,19 @@ def resolve_arch(arch: Union[str, dict], deform_strides: Optional[Sequence[int]]
     return full
 
 
+def _split_init_cfg(init_cfg) -> Tuple[List[dict], List[dict]]:
+    """([the 'Pretrained' entry], [the other initialisers]) of an ``init_cfg`` (None, a dict or a list)."""
+    cfgs = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else [init_cfg] if init_cfg else []
+    if not all(isinstance(cfg, dict) and 'type' in cfg for cfg in cfgs):
+        raise TypeError(f'init_cfg must be a dict with a type, or a list of such dicts; got {init_cfg!r}')
+    pretrained = [cfg for cfg in cfgs if cfg['type'] == 'Pretrained']
+    if len(pretrained) > 1:
+        raise ValueError(f'init_cfg holds {len(pretrained)} Pretrained entries; give one checkpoint')
+    if pretrained and 'checkpoint' not in pretrained[0]:
+        raise ValueError("init_cfg's Pretrained entry needs a checkpoint")
+    return pretrained, [cfg for cfg in cfgs if cfg['type'] != 'Pretrained']
+
+
 def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """x + branch, added into the branch's output where autograd records nothing: a new map costs its first
     touch (page faults). Under autograd the branch is often a view (a permuted linear output), and an
@@ -131,8 +145,11 @@ class DATStage(nn.Module):
         """x: (B, C, H, W). Returns (B, C, H, W) and, per block, [positions, references] of a 'D' block
         (each (B, groups, Hk, Wk, 2)) or None."""
         points = []
+        # Whether the input needs a gradient does not matter: behind frozen stages (or the frozen stem) it does
+        # not, and the stage's own activations are what checkpointing saves.
+        checkpointed = self.with_cp and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         for i in range(len(self.attns)):
-            if self.with_cp and x.requires_grad:
+            if checkpointed:
                 x, block_points = cp.checkpoint(self._block, i, x, use_reentrant=False)
             else:
                 x, block_points = self._block(i, x)
@@ -174,15 +191,19 @@ class DAT(BaseModule):
                  with_cp: bool = False,
                  deform_strides: Optional[Sequence[int]] = None,
                  reference_attention: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        _split_init_cfg(init_cfg)   # a malformed init_cfg fails here, not when the runner initialises
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch, deform_strides)
         self.version = self.arch['version']
         dims = self.arch['dims']
         self.in_channels = in_channels
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not isinstance(i, int) or not -4 <= i < 4 for i in out_indices):
+            raise ValueError(f'out_indices must be stages 0..3 (or -4..-1, counted from the last), got {out_indices}')
         self.out_indices = tuple(sorted(i % 4 for i in out_indices))
-        if len(set(self.out_indices)) != len(tuple(out_indices)):
-            raise ValueError(f'out_indices must be distinct stages in 0..3, got {out_indices}')
+        if len(set(self.out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices must be distinct stages, got {out_indices}')
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f'frozen_stages must be in -1..4, got {frozen_stages}')
         self.frozen_stages = frozen_stages
@@ -238,14 +259,20 @@ class DAT(BaseModule):
         return self
 
     def init_weights(self) -> None:
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            load_backbone_checkpoint(self, self.init_cfg['checkpoint'],
-                                     prefix=self.init_cfg.get('prefix'))
-            self._is_init = True
-            return
-        if self.init_cfg is not None:
-            super().init_weights()
-            return
+        """As MMEngine's ``BaseModule``, ``init_cfg`` may be one dict or a list of them; a 'Pretrained' entry is
+        applied last, over the others, and loads the authors' checkpoints as they are
+        (:func:`dat_mm.checkpoint.load_backbone_checkpoint`). Without ``init_cfg``: truncated-normal weights
+        (std 0.02) and bias tables, as the authors initialise."""
+        pretrained, others = _split_init_cfg(self.init_cfg)
+        if others:
+            initialize(self, others)
+        elif not pretrained:
+            self._default_init()
+        if pretrained:
+            load_backbone_checkpoint(self, pretrained[0]['checkpoint'], prefix=pretrained[0].get('prefix'))
+        self._is_init = True
+
+    def _default_init(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 trunc_normal_init(module, std=0.02, bias=0.0)
@@ -255,26 +282,25 @@ class DAT(BaseModule):
                 for name in ('rpe_table', 'rpb', 'relative_position_bias_table'):
                     if hasattr(module, name):
                         nn.init.trunc_normal_(getattr(module, name), std=0.02)
-        self._is_init = True
 
     def forward(self, x: torch.Tensor, return_points: bool = False):
         """x: (B, in_channels, H, W), any H and W.
 
-        Returns a tuple with one normalised (B, C_i, ceil(H / 2^(i+2)), ...) map per entry of ``out_indices``.
-        With ``return_points=True``, returns ``(features, points)`` where ``points[stage][block]`` is
-        ``[positions, references]`` of a deformable block, each (B, groups, Hk, Wk, 2) in (y, x) order in
-        [-1, 1] (``None`` for other blocks).
+        Returns a tuple with one normalised (B, C_i, ceil(H / 2^(i+2)), ceil(W / 2^(i+2))) map per entry of
+        ``out_indices``. With ``return_points=True``, returns ``(features, points)`` where
+        ``points[stage][block]`` is ``[positions, references]`` of a deformable block, each
+        (B, groups, Hk, Wk, 2) in (y, x) order in [-1, 1] (``None`` for other blocks).
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'DAT expects a (B, {self.in_channels}, H, W) tensor, got {tuple(x.shape)}')
-        if self.version == 1 and min(x.shape[2:]) < 32:
-            # v1 patchifies without padding: below 32 pixels the last stage would be empty.
-            raise ValueError(f'DAT v1 needs inputs of at least 32x32 pixels, got {tuple(x.shape[2:])}')
-        x = self.patch_proj(x)
+        # DAT v1 patchifies (4x4, stride 4) and merges (2x2, stride 2) without padding: it pads the bottom and
+        # right to whole patches first, as mmdet's Swin does, so that no pixel is dropped and every stage covers
+        # the image. DAT++'s stride-2 3x3 convolutions pad by themselves.
+        x = self.patch_proj(_pad_to_multiple(x, 4) if self.version == 1 else x)
         outs, points = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = self.down_projs[i - 1](x)
+                x = self.down_projs[i - 1](_pad_to_multiple(x, 2) if self.version == 1 else x)
             x, stage_points = stage(x)
             points.append(stage_points)
             if i in self.out_indices:
@@ -283,3 +309,13 @@ class DAT(BaseModule):
                 # RoI features of every two-stage detector.
                 outs.append(getattr(self, f'norm{i}')(x).contiguous())
         return (tuple(outs), points) if return_points else tuple(outs)
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x (B, C, H, W) zero-padded at the bottom and right to sides that are multiples of ``multiple``."""
+    pad_h, pad_w = (-x.shape[2]) % multiple, (-x.shape[3]) % multiple
+    # Traced (ONNX: the sizes are tensors) and compiled code pads always, so that no branch fixes the size;
+    # eager code skips the copy where there is nothing to pad.
+    if isinstance(pad_h, torch.Tensor) or torch.compiler.is_compiling() or pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
