@@ -35,34 +35,48 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     return keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
 
 
-def _kinds(bias_index: torch.Tensor):
-    """The distinct bias patterns among one axis' tiles (T, tile, R): all interior tiles share one, the
-    border tiles add two or three. Returns (patterns (U, tile, R), each tile's pattern (T,))."""
-    patterns, kind = torch.unique(bias_index.flatten(1), dim=0, return_inverse=True)
-    return patterns.view(-1, *bias_index.shape[1:]), kind
+def _tile_kinds(n_tiles, kernel_size: int, tile: int, device: torch.device):
+    """Each tile's kind of bias pattern along one axis, from the sizes alone (nothing read back, traceable).
+
+    A tile whose key region and queries' windows all lie inside the map has the interior pattern; only the
+    first and the last ceil(k / t) + 1 tiles can differ, and each of those is given a kind of its own. The number
+    of kinds is therefore fixed by k and t, whatever the map size (kinds may repeat a pattern; that costs a few
+    small entries, not a result). Returns (each tile's kind (T,), a tile of each kind (K,)).
+    """
+    edge = -(-kernel_size // tile) + 1
+    index = torch.arange(n_tiles, device=device)
+    from_end = n_tiles - 1 - index
+    kind = torch.where(index < edge, index, torch.where(from_end < edge, edge + from_end, 2 * edge))
+    kinds = torch.arange(2 * edge + 1, device=device)
+    example = torch.where(kinds < edge, kinds, torch.where(kinds < 2 * edge, n_tiles - 1 - (kinds - edge), edge))
+    return kind, example.clamp(max=n_tiles - 1).clamp(min=0)
 
 
 def _tiling(height: int, width: int, kernel_size: int, tile: int, device: torch.device) -> dict:
     """The tiles of a (height, width) map, from its size alone (shape arithmetic, nothing read back):
     ``queries`` (Ty, Tx*t*t) and ``keys`` (Ty, Tx*R), the map positions of each tile row's queries and key
-    regions, tile by tile; ``by`` (Ty, t, Ry) and ``bx`` (Tx, t, Rx), each tile's bias index along one axis."""
+    regions, tile by tile; ``kind_y`` (Ty,) and ``kind_x`` (Tx,), each tile's kind of bias pattern along one
+    axis, ``kind`` (Ty*Tx,) its kind of both; ``by`` (Ky, t, Ry) and ``bx`` (Kx, t, Rx), the bias index of each
+    kind along one axis."""
     ky, by = _tiles(height, kernel_size, tile, device)
     kx, bx = _tiles(width, kernel_size, tile, device)
     n_ty, n_tx = ky.shape[0], kx.shape[0]
+    kind_y, example_y = _tile_kinds(n_ty, kernel_size, tile, device)
+    kind_x, example_x = _tile_kinds(n_tx, kernel_size, tile, device)
     # The last tile's queries past the map repeat its last row or column; their outputs are cropped.
     rows = torch.arange(n_ty * tile, device=device).clamp(max=height - 1).view(n_ty, tile)
     cols = torch.arange(n_tx * tile, device=device).clamp(max=width - 1).view(n_tx, tile)
     return dict(queries=(rows[:, None, :, None] * width + cols[None, :, None, :]).view(n_ty, -1),
-                keys=(ky[:, None, :, None] * width + kx[None, :, None, :]).view(n_ty, -1), by=by, bx=bx)
+                keys=(ky[:, None, :, None] * width + kx[None, :, None, :]).view(n_ty, -1),
+                kind_y=kind_y, kind_x=kind_x, kind=(kind_y[:, None] * example_x.shape[0] + kind_x).view(-1),
+                by=by[example_y], bx=bx[example_x])
 
 
 def _row_tiling(height: int, width: int, kernel_size: int, tile: int, device: torch.device) -> dict:
-    """:func:`_tiling` for the cpu plan's loop over tile rows, with each axis' bias patterns made distinct:
-    ``by`` (Uy, t, Ry) and ``bx`` (Ux, t, Rx), ``kind_x`` (Tx,) and ``kind_y`` (a list of Ty), each tile's
-    pattern."""
+    """:func:`_tiling` for the cpu plan's loop over tile rows, with each row's kind as a Python list (read once
+    per size, on the CPU)."""
     tiles = _tiling(height, width, kernel_size, tile, device)
-    (by, kind_y), (bx, kind_x) = _kinds(tiles['by']), _kinds(tiles['bx'])
-    return dict(tiles, by=by, bx=bx, kind_x=kind_x, kind_y=kind_y.tolist())
+    return dict(tiles, kind_rows=tiles['kind_y'].tolist())
 
 
 def _shortfall(length, kernel_size: int):
@@ -140,27 +154,30 @@ class NeighborhoodAttention(nn.Module):
         batch, hp, wp = qkv.shape[:3]
         heads, t = self.num_heads, self.tile
         n_ty, n_tx = -(-hp // t), -(-wp // t)
-        pixels = qkv.reshape(batch, hp * wp, 3, heads, -1)
         if attention_plan(qkv.device) == 'cpu':
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
-            # Per kind of tile row: (Uy, Tx, heads, t*t, R).
-            bias = self._tile_bias(tiles['by'], tiles['bx']).index_select(1, tiles['kind_x'])
-            out = _TiledAttention.apply(pixels, bias, tiles['queries'], tiles['keys'], tiles['kind_y'], t, self.scale)
+            # Per kind of tile row: (Ky, Tx, heads, t*t, R).
+            bias = self._tile_bias(tiles['by'], tiles['bx']).permute(1, 2, 0, 3, 4).index_select(1, tiles['kind_x'])
+            out = _TiledAttention.apply(qkv.reshape(batch, hp * wp, 3, heads, -1), bias, tiles['queries'],
+                                        tiles['keys'], tiles['kind_rows'], t, self.scale)
             return out.view(batch, n_ty * t, n_tx * t, -1)
         tiles = size_cached(_tiling, hp, wp, self.kernel_size, t, qkv.device)
-        bias = self._tile_bias(tiles['by'], tiles['bx']).flatten(0, 1)   # (Ty*Tx, heads, t*t, R)
-        out = _TiledAttentionAtOnce.apply(pixels, bias, tiles['queries'].view(-1), tiles['keys'].view(-1), t,
-                                          self.scale)   # (B*Ty*Tx, heads, t*t, d)
-        out = out.view(batch, n_ty, n_tx, heads, t, t, -1).permute(0, 1, 4, 2, 5, 3, 6)
+        bias = self._tile_bias(tiles['by'], tiles['bx']).flatten(1, 2)   # (heads, Ky*Kx, t*t, R)
+        # Heads first, so that the tiles of all heads gather as (B, heads * tiles) batch entries whose masks the
+        # images share without a copy per image.
+        qkv = qkv.reshape(batch, hp * wp, 3, heads, -1).permute(2, 0, 3, 1, 4).contiguous()   # (3, B, heads, HW, d)
+        out = _TiledAttentionAtOnce.apply(qkv, bias, tiles['kind'], tiles['queries'].view(-1), tiles['keys'].view(-1),
+                                          self.scale)   # (B, heads*Ty*Tx, t*t, d)
+        out = out.view(batch, heads, n_ty, n_tx, t, t, -1).permute(0, 2, 4, 3, 5, 1, 6)
         return out.reshape(batch, n_ty * t, n_tx * t, -1)
 
     def _tile_bias(self, by: torch.Tensor, bx: torch.Tensor) -> torch.Tensor:
-        """(Ny, Nx, heads, t*t, R): the bias of tiles with the bias indexes by (Ny, t, Ry) and bx (Nx, t, Rx).
+        """(heads, Ny, Nx, t*t, R): the bias of tiles with the bias indexes by (Ny, t, Ry) and bx (Nx, t, Rx).
         Index -1, outside a query's window, reads the -inf appended to each axis of the table. In the table's
         dtype: under autocast its gradient sums many tiles, which bf16 would round."""
         rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
         bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Ny, Nx, t, t, Ry, Rx)
-        return bias.permute(1, 2, 0, 3, 4, 5, 6).reshape(*bias.shape[1:3], self.num_heads, self.tile ** 2, -1)
+        return bias.reshape(*bias.shape[:3], self.tile ** 2, -1)
 
 
 def _gather_tiles(pixels: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, t: int):
@@ -186,7 +203,7 @@ class _TiledAttention(torch.autograd.Function):
     The backward gathers them again, gets dq, dk, dv and the bias gradient from :func:`attention_backward`,
     and adds them into place. Nothing but the input and the output is kept.
 
-    qkv: (B, Hp*Wp, 3, heads, d); bias: (Uy, Tx, heads, t*t, R), per kind of tile row; query_index (Ty, Tx*t*t)
+    qkv: (B, Hp*Wp, 3, heads, d); bias: (Ky, Tx, heads, t*t, R), per kind of tile row; query_index (Ty, Tx*t*t)
     and key_index (Ty, Tx*R): the map positions of each tile row's queries and regions, tile by tile; kinds:
     each row's kind. Returns (B, Ty, t, Tx, t, heads, d).
     """
@@ -242,48 +259,60 @@ class _TiledAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-class _TiledAttentionAtOnce(torch.autograd.Function):
-    """The device plan's neighborhood attention: every tile of every image in one fused-kernel call, with
-    each tile's own bias as its mask; the backward gathers the tiles again and differentiates them all in
-    one :func:`attention_backward`. A few dozen ops per layer whatever the map size, and no value read back.
+def _gather_heads(qkv: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, tiles: int):
+    """The tiles of queries, q (B, heads*T, t*t, d), and their key regions, k and v (B, heads*T, R, d), from
+    qkv (3, B, heads, Hp*Wp, d): one gather of the query pixels and one of the regions (keys and values
+    together), views of them. queries (T*t*t,) and keys (T*R,): map positions, tile by tile."""
+    _, batch, heads, _, dim = qkv.shape
+    q = qkv[0].index_select(2, queries).view(batch, heads * tiles, -1, dim)
+    k, v = qkv[1:].index_select(3, keys).view(2, batch, heads * tiles, -1, dim)
+    return q, k, v
 
-    qkv: (B, Hp*Wp, 3, heads, d); bias: (T, heads, t*t, R), tile by tile; queries (T*t*t,) and keys (T*R,):
-    the map positions of each tile's queries and key region. Returns (B*T, heads, t*t, d).
+
+def _tile_masks(bias: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """(heads*T, t*t, R): each tile's bias, from the bias of each kind (heads, K, t*t, R) and each tile's kind (T,)."""
+    return bias.index_select(1, kind).flatten(0, 1)
+
+
+class _TiledAttentionAtOnce(torch.autograd.Function):
+    """The device plan's neighborhood attention: every tile of every image in one fused-kernel call; the
+    backward gathers the tiles again and differentiates them all in one :func:`attention_backward`. A few dozen
+    ops per layer whatever the map size, and no value read back.
+
+    The bias is built per kind of tile (a few dozen, :func:`_tile_kinds`) and spread to the tiles once per call,
+    as a mask that the images share (heads and tiles are the batch entries of each image); its gradient is
+    summed over the images and then per kind, so that the table's gradient gathers from a few kinds, not from
+    every tile of every image.
+
+    qkv: (3, B, heads, Hp*Wp, d); bias: (heads, K, t*t, R); kind (T,): each tile's kind; queries (T*t*t,) and
+    keys (T*R,): the map positions of each tile's queries and key region. Returns (B, heads*T, t*t, d).
     """
 
     @staticmethod
-    def forward(ctx, qkv, bias, queries, keys, t, scale):
-        batch = qkv.shape[0]
-        q, k, v = (x.flatten(0, 1) for x in _gather_tiles(qkv, queries, keys, t))
-        # The fused kernels take one mask per batch entry; views of a tensor that requires grad do too, even
-        # under no_grad, and send the kernel to its math path.
-        mask = bias.detach().to(qkv.dtype).expand(batch, *bias.shape).flatten(0, 1)
+    def forward(ctx, qkv, bias, kind, queries, keys, scale):
+        q, k, v = _gather_heads(qkv, queries, keys, kind.shape[0])
+        # Views of a tensor that requires grad do too, even under no_grad, and send the kernel to its math path.
+        mask = _tile_masks(bias.detach(), kind).to(qkv.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(qkv, bias, queries, keys, out)
-        ctx.t, ctx.scale = t, scale
+        ctx.save_for_backward(qkv, bias, kind, queries, keys, out)
+        ctx.scale = scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qkv, bias, queries, keys, out = ctx.saved_tensors
-        batch, pixels, _, heads, dim = qkv.shape
-        t2, regions = bias.shape[2:]
+        qkv, bias, kind, queries, keys, out = ctx.saved_tensors
+        _, batch, heads, _, dim = qkv.shape
+        tiles, (t2, regions) = kind.shape[0], bias.shape[2:]
         # Half precision is differentiated and accumulated in fp32, as in the fused kernels.
         work = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
-
-        def by_head(x: torch.Tensor, n: int) -> torch.Tensor:   # (..., heads, n, d) -> (B*T*heads, n, d)
-            return x.reshape(-1, n, x.shape[-1]).to(work)
-
-        q, k, v = _gather_tiles(qkv, queries, keys, ctx.t)   # (B, T, heads, n, d)
-        mask = bias.to(work).expand(batch, *bias.shape).reshape(-1, t2, regions)
+        q, k, v = (x.flatten(0, 1) for x in _gather_heads(qkv, queries, keys, tiles))
         grad_q, grad_k, grad_v, grad_s = attention_backward(
-            by_head(q, t2), by_head(k, regions), by_head(v, regions), mask, by_head(out, t2), by_head(grad_out, t2),
-            ctx.scale)
-        grad_bias = grad_s.view(batch, *bias.shape).sum(0)
-        # Summed into contiguous (q, k, v) maps, whose permuted view is qkv's gradient.
-        grad_qkv = qkv.new_zeros(3, batch, pixels, heads, dim, dtype=work)
-        for part, index, grad, n in ((0, queries, grad_q, t2), (1, keys, grad_k, regions), (2, keys, grad_v, regions)):
-            grad = grad.view(batch, -1, heads, n, dim).transpose(2, 3).reshape(batch, -1, heads, dim)
-            grad_qkv[part].index_add_(1, index, grad)
-        return grad_qkv.permute(1, 2, 0, 3, 4).to(qkv.dtype), grad_bias.to(bias.dtype), None, None, None, None
+            q, k, v, _tile_masks(bias, kind).to(work), out.flatten(0, 1), grad_out.flatten(0, 1), ctx.scale)
+        grad_bias = torch.zeros_like(bias, dtype=work).index_add_(
+            1, kind, grad_s.view(batch, heads, tiles, t2, regions).sum(0))
+        # Summed into the (q, k, v) maps, in qkv's heads-first layout.
+        grad_qkv = qkv.new_zeros(qkv.shape, dtype=work)
+        for part, index, grad in ((0, queries, grad_q), (1, keys, grad_k), (2, keys, grad_v)):
+            grad_qkv[part].index_add_(2, index, grad.view(batch, heads, -1, dim))
+        return grad_qkv.to(qkv.dtype), grad_bias.to(bias.dtype), None, None, None, None
