@@ -1,8 +1,10 @@
 """The command-line tools: train / resume / test, checkpoint conversion, sampling-point visualisation."""
 import argparse
+import itertools
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from commands import ROOT, run_tool
+from commands import ROOT, free_port, run_tool, tool_env
 from dat_mm import DAT
 from golden import arch_from_authors_kwargs, golden_model, load_bundle, stage_outputs
 
@@ -20,10 +22,31 @@ sys.path.insert(0, str(ROOT / 'tools'))
 sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
 
 
-@pytest.mark.parametrize('config,metric', [
-    ('configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', 'coco/bbox_mAP'),
-    ('configs/seg/demo/upernet_dat-mini_tiny-ade.py', 'mIoU')], ids=['detector', 'segmentor'])
-def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, tmp_path):
+SEGMENTOR = ROOT / 'configs/seg/demo/upernet_dat-mini_tiny-ade.py'
+
+
+@pytest.fixture(scope='module')
+def demo_checkpoints() -> dict:
+    """The checkpoints test_train_resume_and_test_from_checkpoint wrote, by model, for later tests to reuse
+    instead of training again."""
+    return {}
+
+
+def _drawings_match_images(drawings: list, images: list) -> None:
+    """One drawing per image, named after it: the ground truth beside the prediction (both libraries'
+    visualizers put them side by side), so as high as the image and twice as wide, and not blank."""
+    assert len(drawings) == len(images), drawings
+    for image in images:
+        (drawing,) = [d for d in drawings if image.name in d.name]
+        h, w = cv2.imread(str(image)).shape[:2]
+        drawn = cv2.imread(str(drawing))
+        assert drawn.shape == (h, 2 * w, 3) and drawn.any(), drawing
+
+
+@pytest.mark.parametrize('config,metric,val_images', [
+    ('configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', 'coco/bbox_mAP', 'coco/val'),
+    ('configs/seg/demo/upernet_dat-mini_tiny-ade.py', 'mIoU', 'ade/images/validation')], ids=['detector', 'segmentor'])
+def test_train_resume_and_test_from_checkpoint(config, metric, val_images, tiny_workspace, tmp_path, demo_checkpoints):
     config = ROOT / config
     short = ['default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=100']
     run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=2',
@@ -41,10 +64,53 @@ def test_train_resume_and_test_from_checkpoint(config, metric, tiny_workspace, t
     steps = {int(s['step']) for s in resumed['optimizer']['state'].values()}
     assert steps == {4}
 
-    out = run_tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test'],
-                   tiny_workspace)
+    # --out and --show-dir as each library's own test.py takes them: mmdet a pickle, and drawings under
+    # WORK_DIR/<timestamp>/DIR; mmseg a folder of maps, and drawings under DIR/vis_data/vis_image.
+    detector = metric.startswith('coco/')
+    predictions = tmp_path / ('predictions.pkl' if detector else 'maps')
+    show_dir = 'vis' if detector else tmp_path / 'vis'   # mmseg's DIR is the caller's: not the shared workspace
+    out = run_tool([ROOT / 'tools/test.py', config, tmp_path / 'iter_4.pth', '--work-dir', tmp_path / 'test',
+                    '--out', predictions, '--show-dir', show_dir], tiny_workspace)
     scores = json.loads(out.strip().splitlines()[-1].replace("'", '"'))
     assert math.isfinite(scores[metric]) and scores[metric] >= 0
+    demo_checkpoints[config.stem] = tmp_path / 'iter_4.pth'
+
+    images = sorted((tiny_workspace / 'data' / 'tiny' / val_images).iterdir())
+    if detector:
+        with open(predictions, 'rb') as f:
+            dumped = pickle.load(f)
+        assert sorted(os.path.basename(p['img_path']) for p in dumped) == [i.name for i in images]
+        assert all({'bboxes', 'scores', 'labels', 'masks'} <= set(p['pred_instances']) for p in dumped)
+        drawings = list(tmp_path.glob('test/*/vis/*'))
+    else:
+        maps = sorted(predictions.iterdir())
+        assert [m.name for m in maps] == [f'{i.stem}.png' for i in images]
+        for image, seg_map in zip(images, maps):
+            assert cv2.imread(str(seg_map), cv2.IMREAD_UNCHANGED).shape == cv2.imread(str(image)).shape[:2]
+        drawings = list((tmp_path / 'vis' / 'vis_data' / 'vis_image').iterdir())
+    _drawings_match_images(drawings, images)
+
+
+def test_a_two_rank_test_prints_the_metrics_once(demo_checkpoints, tiny_workspace, tmp_path):
+    """tools/dist_test.sh over 2 CPU ranks (gloo): each rank gets the metrics, rank 0 alone prints them; each
+    rank writes the prediction maps of its share of the images."""
+    checkpoint = demo_checkpoints.get(SEGMENTOR.stem)
+    if checkpoint is None:   # run on its own, without the training test: a 1-iteration checkpoint
+        run_tool([ROOT / 'tools/train.py', SEGMENTOR, '--work-dir', tmp_path, '--cfg-options', 'train_cfg.max_iters=1',
+                  'default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=100'], tiny_workspace)
+        checkpoint = tmp_path / 'iter_1.pth'
+    proc = subprocess.run(['bash', ROOT / 'tools/dist_test.sh', SEGMENTOR, checkpoint, '2', '--work-dir',
+                           tmp_path / 'test', '--out', tmp_path / 'maps'], cwd=tiny_workspace,
+                          env=tool_env(PYTHON=sys.executable, PORT=str(free_port())), capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert 'in 2 processes over gloo' in out
+    printed = [line for line in out.splitlines() if line.startswith("{'aAcc': ")]
+    assert len(printed) == 1, printed
+    assert 0 <= json.loads(printed[0].replace("'", '"'))['mIoU'] <= 100
+    images = sorted((tiny_workspace / 'data/tiny/ade/images/validation').iterdir())
+    assert sorted(m.name for m in (tmp_path / 'maps').iterdir()) == [f'{i.stem}.png' for i in images]
 
 
 def test_train_refuses_a_missing_resume_checkpoint(tmp_path):
@@ -175,23 +241,72 @@ def test_dist_scripts_hand_torchrun_the_node_layout(script, args, tmp_path):
     assert out[8:] == rest + ['--launcher', 'pytorch']
 
 
-@pytest.mark.parametrize('script,args,tool,rest', [
-    ('slurm_train.sh', ['gpu', 'dat', 'CFG.py', 'work', '--amp'], 'train.py', ['CFG.py', '--work-dir', 'work', '--amp']),
-    ('slurm_train.sh', ['gpu', 'dat', 'CFG.py', '--resume'], 'train.py', ['CFG.py', '--resume']),
-    ('slurm_test.sh', ['gpu', 'dat', 'CFG.py', 'CKPT.pth', '--tta'], 'test.py', ['CFG.py', 'CKPT.pth', '--tta'])])
-def test_slurm_scripts_hand_srun_the_allocation(script, args, tool, rest, tmp_path):
+def _slurm_cases():
+    """Every combination of SRUN_ARGS set or unset, a WORK_DIR or none (slurm_train.sh), extra arguments or none:
+    the empty ones are what bash < 4.4 calls unbound under set -u where an empty array is expanded plainly."""
+    srun_args = {'srun-args': ('--quotatype=spot  --time=48:00:00', ['--quotatype=spot', '--time=48:00:00']),
+                 'no-srun-args': (None, [])}
+    for (srun_id, (value, words)), extra in itertools.product(srun_args.items(), (True, False)):
+        extra_id = 'extra' if extra else 'no-extra'
+        more = ['--amp', '--resume'] if extra else []
+        for work in ([], ['work']):
+            yield pytest.param('slurm_train.sh', ['gpu', 'dat', 'CFG.py', *work, *more], 'train.py',
+                               ['CFG.py', *(['--work-dir', *work] if work else []), *more], value, words,
+                               id=f'train-{srun_id}-{"work-dir" if work else "no-work-dir"}-{extra_id}')
+        more = ['--tta'] if extra else []
+        yield pytest.param('slurm_test.sh', ['gpu', 'dat', 'CFG.py', 'CKPT.pth', *more], 'test.py',
+                           ['CFG.py', 'CKPT.pth', *more], value, words, id=f'test-{srun_id}-{extra_id}')
+
+
+@pytest.mark.parametrize('script,args,tool,rest,srun_args,srun_words', _slurm_cases())
+def test_slurm_scripts_hand_srun_the_allocation(script, args, tool, rest, srun_args, srun_words, tmp_path):
     """OpenMMLab's convention (PARTITION JOB_NAME CONFIG ..., GPUS, GPUS_PER_NODE, CPUS_PER_TASK, SRUN_ARGS); a
     stand-in srun on PATH records what it was given."""
     srun = tmp_path / 'srun'
     srun.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     srun.chmod(0o755)
     env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', PYTHON='python3', GPUS='16', GPUS_PER_NODE='8',
-               CPUS_PER_TASK='4', SRUN_ARGS='--quotatype=spot  --time=48:00:00')
+               CPUS_PER_TASK='4')
+    env.pop('SRUN_ARGS', None)
+    if srun_args is not None:
+        env['SRUN_ARGS'] = srun_args
     out = subprocess.run(['bash', ROOT / 'tools' / script, *args], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert out == ['-p', 'gpu', '--job-name=dat', '--gres=gpu:8', '--ntasks=16', '--ntasks-per-node=8',
-                   '--cpus-per-task=4', '--kill-on-bad-exit=1', '--quotatype=spot', '--time=48:00:00',
+                   '--cpus-per-task=4', '--kill-on-bad-exit=1', *srun_words,
                    'python3', '-u', str(ROOT / 'tools' / tool), *rest, '--launcher', 'slurm']
+
+
+def _arrays_empty_under_set_u(script: str) -> set:
+    """The arrays a bash script expands plainly (``"${NAME[@]}"``, ``${NAME[*]}``) under set -u although they
+    may hold no element, which bash < 4.4 (RHEL/CentOS 7 ship 4.2) stops at as unbound; bash 5 lets it pass.
+
+    Safe: ``${NAME[@]+"${NAME[@]}"}``, and arrays that every assignment gives a first element that cannot
+    vanish (``PIP=("$VENV/bin/python" ...)``); unsafe: ``NAME=()``, ``read -a NAME``, mapfile, or no assignment."""
+    code = '\n'.join(line for line in script.splitlines() if not line.lstrip().startswith('#'))
+    if not re.search(r'^\s*set\s+(-\w*u|-o\s+nounset)', code, re.M):
+        return set()
+    def may_vanish(word: str) -> bool:   # the first word of NAME=(...): none, an unquoted $X, or "${X[@]}"
+        return word.startswith((')', '$')) or not word or bool(re.match(r'"\$\{\w+\[[@*]\]\}"', word))
+
+    unsafe = set()
+    for name in set(re.findall(r'(?<!\+)(?<!\+")\$\{(\w+)\[[@*]\]\}', code)):
+        firsts = re.findall(rf'(?<![\w+]){name}=\(\s*(\S*)', code)
+        filled = re.search(rf'\b(read|mapfile|readarray)\b[^\n;|&]*\b{name}\b', code)
+        if filled or not firsts or any(may_vanish(w) for w in firsts):
+            unsafe.add(name)
+    return unsafe
+
+
+def test_no_shell_tool_expands_a_possibly_empty_array_under_set_u():
+    """bash 4.2 is not installed here, so this reads the scripts for what it would stop at."""
+    assert _arrays_empty_under_set_u('set -euo pipefail\nA=()\nf "${A[@]}"\n') == {'A'}
+    assert _arrays_empty_under_set_u('set -eu\nread -r -a B <<< "$X"\nf ${B[@]+"${B[@]}"} "${B[*]}"\n') == {'B'}
+    assert _arrays_empty_under_set_u('set -u\nC=("$X" -m)\nC+=(--q)\nf "${C[@]}" ${C[@]+"${C[@]}"}\n') == set()
+    scripts = sorted((ROOT / 'tools').rglob('*.sh'))
+    assert {'srun.sh', 'slurm_train.sh', 'setup_env.sh'} <= {s.name for s in scripts}
+    found = {s.name: names for s in scripts if (names := _arrays_empty_under_set_u(s.read_text()))}
+    assert found == {}
 
 
 def test_a_coco_zoo_config_trains_on_a_coco_folder(tiny_workspace, tmp_path):

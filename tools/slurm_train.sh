@@ -7,10 +7,12 @@ PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3
 shift 3
-WORK_DIR=()
+# A WORK_DIR goes back into the arguments as --work-dir: no array, which bash < 4.4 would call unbound under
+# set -u when empty ("$@" is exempt).
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then
-  WORK_DIR=(--work-dir "$1")
+  WORK_DIR=$1
   shift
+  set -- --work-dir "$WORK_DIR" "$@"
 fi
 exec "$(dirname "${BASH_SOURCE[0]}")/srun.sh" "$PARTITION" "$JOB_NAME" "$(dirname "${BASH_SOURCE[0]}")/train.py" \
-    "$CONFIG" "${WORK_DIR[@]}" "$@"
+    "$CONFIG" "$@"

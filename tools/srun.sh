@@ -13,8 +13,9 @@ PYTHON=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/pyth
 GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
-# SRUN_ARGS is split into words, as a user writes them.
+# SRUN_ARGS is split into words, as a user writes them. Without it EXTRA is empty, which bash < 4.4 (RHEL/CentOS
+# 7 ship 4.2) calls unbound under set -u when expanded plainly, hence ${EXTRA[@]+...}: nothing where it is empty.
 read -r -a EXTRA <<< "${SRUN_ARGS:-}"
 exec srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" --ntasks="$GPUS" \
-    --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 "${EXTRA[@]}" \
-    "$PYTHON" -u "$SCRIPT" "$@" --launcher slurm
+    --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 \
+    ${EXTRA[@]+"${EXTRA[@]}"} "$PYTHON" -u "$SCRIPT" "$@" --launcher slurm
