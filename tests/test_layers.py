@@ -70,7 +70,7 @@ def test_cpu_kernels_attend_and_differentiate_as_grid_sample_does(dtype, heads_p
     groups, batch, dim, num_keys = 2, 2, 8, 40
     heads = groups * heads_per_group
     table = torch.randn(heads, 9, 13, dtype=dtype)
-    keys = (torch.rand(batch * groups, num_keys, 2, dtype=dtype) * 2.4 - 1.2) * 0.5
+    keys = torch.rand(batch * groups, num_keys, 2, dtype=dtype) * 2.4 - 1.2   # positions, up to 0.2 past [-1, 1]
     qy, qx = torch.meshgrid(torch.linspace(-1, 1, 7, dtype=dtype), torch.linspace(-1, 1, 11, dtype=dtype),
                             indexing='ij')
     query = torch.stack([qx, qy], -1).reshape(-1, 2) * 0.5
@@ -105,6 +105,20 @@ def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch, 
         assert not deformable_bias.available()
     table, keys, query = torch.zeros(2, 3, 3), torch.zeros(1, 4, 2), torch.zeros(5, 2)
     assert isinstance(deformable_attention._lookup(table, keys, query, 1, 'cpu'), _GridSampleLookup)
+
+
+def test_a_bug_in_loading_the_kernels_is_not_taken_for_a_missing_compiler(monkeypatch, tmp_path):
+    """Only the failures of a machine that cannot build (RuntimeError, OSError) fall back to grid_sample."""
+    from torch.utils import cpp_extension
+
+    def bug(*args, **kwargs):
+        raise TypeError('load() got an unexpected keyword argument')
+
+    monkeypatch.setattr(cpp_extension, 'load', bug)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    monkeypatch.setattr(deformable_bias, '_available', None)
+    with pytest.raises(TypeError, match='unexpected keyword'):
+        deformable_bias.available()
 
 
 @pytest.mark.parametrize('plan', ['cpu', 'device'])
@@ -169,3 +183,19 @@ def test_deformable_gradients_under_bf16_autocast_sum_their_many_chunks_in_fp32(
     compared = {name: (many, one) for name, many, one in zip(names, errors['many'], errors['one'])
                 if name != 'proj_k.bias'}   # its true gradient is zero (see above): rounding noise only
     assert all(many <= 1.1 * one for many, one in compared.values()), compared
+
+
+def test_deterministic_mode_on_cuda_stops_with_what_to_change():
+    """grid_sample's CUDA backward has no deterministic kernel: the message names the setting and the way out.
+    (On a GPU, tests/test_cuda.py runs a whole training step under it.)"""
+    from dat_mm.models.layers.deformable_attention import check_nondeterminism_allowed
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=r'use_deterministic_algorithms\(True\).*randomness=dict\(deterministic=True\)'
+                                               r'.*warn_only=True'):
+            check_nondeterminism_allowed(torch.device('cuda', 0))
+        check_nondeterminism_allowed(torch.device('cpu'))   # grid_sample's CPU backward is deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        check_nondeterminism_allowed(torch.device('cuda', 0))
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -166,9 +166,9 @@ class DeformableAttention(nn.Module):
         """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
         batch, channels, height, width = q.shape
         heads = self.num_heads
-        # (x, y) order and the factor 1/2 of the displacement are applied once, on the small tensors.
+        # (x, y) order and the queries' share of the displacement's factor 1/2 come with the cached grid; the
+        # keys' share each lookup takes where it reads them (no op of its own).
         query = size_cached(_query_points, height, width, self.version, pos.device, pos.dtype)
-        keys = pos * 0.5
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             """(B, C, h, w) -> (B, heads, h*w, d) in one copy, whose gradient comes back in t's own layout:
@@ -179,8 +179,9 @@ class DeformableAttention(nn.Module):
                 t = t.reshape(batch, heads, channels // heads, -1).transpose(2, 3)
             return t.contiguous()
 
-        out = _ChunkedBiasedAttention.apply(heads_first(q), heads_first(k), heads_first(v), self.rpe_table, keys,
-                                            query, self.groups, self.scale, attention_plan(q.device))
+        attend = _biased_attention_traced if torch.jit.is_tracing() else _ChunkedBiasedAttention.apply
+        out = attend(heads_first(q), heads_first(k), heads_first(v), self.rpe_table, pos, query, self.groups,
+                     self.scale, attention_plan(q.device))
         # Back to a map laid out channels last, as q and the block's other maps are: proj_out and the residual
         # add then run without a layout conversion, in either pass.
         return out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -197,7 +198,7 @@ class _KernelLookup:
     """Bias-table reads of one layer call through the CPU kernels of deformable_bias.cpp, which compute
     each read point from its query and key and never materialise the (queries, keys, 2) grid.
 
-    table: (heads, Th, Tw); keys: (B*g, Ns, 2) and query: (M, 2), (x, y), halved (see
+    table: (heads, Th, Tw); keys: (B*g, Ns, 2) and query: (M, 2), (x, y), the query halved (see
     :class:`_ChunkedBiasedAttention`). ``bias(rows)``, for the forward's SDPA, is (B*g, heads/g, len(rows), Ns)
     in the coordinates' dtype; ``chunk(rows)`` is the bias of those queries for :func:`attention_backward`,
     which collects the gradients that ``gradients()`` returns, summed over all chunks.
@@ -207,7 +208,7 @@ class _KernelLookup:
         self.table_shape = table.shape
         th, tw = table.shape[1:]
         self.query = query.t().contiguous()           # (2, M)
-        self.keys = keys.permute(2, 0, 1).contiguous()   # (2, B*g, Ns)
+        self.keys = keys.permute(2, 0, 1).mul(0.5).contiguous()   # (2, B*g, Ns), halved as the query is
         self.table = F.pad(table.to(keys.dtype), (1, 1, 1, 1)).view(groups, -1, th + 2, tw + 2)
         self.buffer = keys.new_empty(0)
         self.grad_table = self.grad_keys = 0
@@ -241,8 +242,8 @@ class _KernelLookup:
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
         th, tw = self.table_shape[1:]
         grad_table = self.grad_table[..., 1:-1, 1:-1].reshape(self.table_shape)
-        # From the gradient of the cell index (grid + 1) / 2 * (n - 1), with grid = query - key.
-        return grad_table, self.grad_keys.transpose(1, 2) * self.keys.new_tensor([(1 - tw) / 2, (1 - th) / 2])
+        # From the gradient of the cell index (grid + 1) / 2 * (n - 1), with grid = query - key / 2.
+        return grad_table, self.grad_keys.transpose(1, 2) * self.keys.new_tensor([(1 - tw) / 4, (1 - th) / 4])
 
 
 class _KernelChunk:
@@ -289,7 +290,7 @@ class _GridSampleLookup:
         self.grad_tables = self.grad_grid = None
 
     def _grid(self, rows: slice) -> torch.Tensor:
-        return self.query[None, rows, None] - self.keys[:, None]
+        return torch.sub(self.query[None, rows, None], self.keys[:, None], alpha=0.5)
 
     def bias(self, rows: slice) -> torch.Tensor:
         return F.grid_sample(self.tables, self._grid(rows), mode='bilinear', align_corners=True)
@@ -297,6 +298,7 @@ class _GridSampleLookup:
     def add_gradient(self, rows: slice, grad: torch.Tensor) -> None:
         # Called directly: autograd through the grid would add a pass to negate and sum its gradient. The grid
         # is built again rather than kept from the bias: it is as large as the bias of one group's heads.
+        check_nondeterminism_allowed(grad.device)
         d_tables, d_grid = torch.ops.aten.grid_sampler_2d_backward(grad, self.tables, self._grid(rows), 0, 0, True,
                                                                    [True, True])
         d_grid = d_grid.sum(1)
@@ -320,8 +322,22 @@ class _GridSampleLookup:
         return max(build, heads * coord + (heads * query if query != coord else 0))
 
     def gradients(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        # The grid is query - key.
-        return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_grid.neg()
+        # The grid is query - key / 2.
+        return self.grad_tables.view(-1, *self.table_shape).sum(0), self.grad_grid.mul(-0.5)
+
+
+def check_nondeterminism_allowed(device: torch.device) -> None:
+    """grid_sample's CUDA backward adds into the table's gradient with atomics, and torch has no deterministic
+    version of it: under ``torch.use_deterministic_algorithms(True)`` torch would stop there with a message that
+    does not say what to change. Stop first, and say it."""
+    if (device.type == 'cuda' and torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled()):
+        raise RuntimeError(
+            'dat_mm: deformable attention cannot train on CUDA under torch.use_deterministic_algorithms(True) (what '
+            "MMEngine's randomness=dict(deterministic=True) sets): its position bias and its key sampling are read "
+            "by grid_sample, whose CUDA backward torch implements with atomic adds only. Train with "
+            'randomness=dict(deterministic=False), or allow the non-deterministic ops with a warning: '
+            'torch.use_deterministic_algorithms(True, warn_only=True).')
 
 
 def _lookup(table: torch.Tensor, keys: torch.Tensor, query: torch.Tensor, groups: int, plan: str):
@@ -345,6 +361,19 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: 
     return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 
 
+def _biased_attention_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, keys: torch.Tensor,
+                             query: torch.Tensor, groups: int, scale: float, plan: str) -> torch.Tensor:
+    """:class:`_ChunkedBiasedAttention` in one chunk and plain ops, for a trace (ONNX export): standard operators
+    only, and no loop whose length the export size would fix. The bias is read by one GridSample."""
+    batch_groups, dim = keys.shape[0], q.shape[-1]
+    q4, k4, v4 = (t.reshape(batch_groups, -1, t.shape[2], dim) for t in (q, k, v))
+    grid = torch.sub(query[None, :, None], keys[:, None], alpha=0.5)   # (B*g, M, Ns, 2)
+    bias = F.grid_sample(_group_tables(table.to(keys.dtype), batch_groups, groups), grid, mode='bilinear',
+                         align_corners=True)
+    scores = torch.matmul(q4, k4.transpose(-1, -2)).mul(scale).add(bias.to(q.dtype))
+    return torch.matmul(scores.softmax(-1), v4).view_as(q)
+
+
 class _ChunkedBiasedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with the deformable position bias, a chunk of queries at a time.
 
@@ -357,7 +386,7 @@ class _ChunkedBiasedAttention(torch.autograd.Function):
     and the lookup: the cpu plan's compiled kernels where they exist, else grid_sample.
 
     q: (B, heads, M, d); k, v: (B, heads, Ns, d); table: (heads, Th, Tw); keys: (B*g, Ns, 2); query: (M, 2);
-    keys and queries in (x, y) and halved, so that query - key is grid_sample's grid. Returns (B, heads, M, d).
+    keys and queries in (x, y), the query halved, so that query - key / 2 is grid_sample's grid. Returns (B, heads, M, d).
     Heads are viewed as (offset group, head in group), so that the lookup's batch entries are SDPA's.
     """
 

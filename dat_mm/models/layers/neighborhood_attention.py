@@ -25,11 +25,14 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     cropped away afterwards.
     """
     n_tiles = -(-length // tile)
-    region = min(tile + kernel_size - 1, length)
+    # Under an ONNX trace the length is a 0-d tensor: Python's min would freeze the export size's branch.
+    region = length.clamp(max=tile + kernel_size - 1) if isinstance(length, torch.Tensor) else \
+        min(tile + kernel_size - 1, length)
     starts = torch.arange(n_tiles, device=device) * tile
     queries = starts[:, None] + torch.arange(tile, device=device)
-    keys = (starts - kernel_size // 2).clamp(0, length - region)[:, None] + torch.arange(region, device=device)
-    window = (queries - kernel_size // 2).clamp(0, length - kernel_size)[:, :, None]
+    keys = (starts - kernel_size // 2).clamp(min=0).clamp(max=length - region)[:, None] + \
+        torch.arange(region, device=device)
+    window = (queries - kernel_size // 2).clamp(min=0).clamp(max=length - kernel_size)[:, :, None]
     key = keys[:, None, :]
     inside = (key >= window) & (key < window + kernel_size)
     return keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
@@ -54,22 +57,29 @@ def _tile_kinds(n_tiles, kernel_size: int, tile: int, device: torch.device):
 
 def _tiling(height: int, width: int, kernel_size: int, tile: int, device: torch.device) -> dict:
     """The tiles of a (height, width) map, from its size alone (shape arithmetic, nothing read back):
-    ``queries`` (Ty, Tx*t*t) and ``keys`` (Ty, Tx*R), the map positions of each tile row's queries and key
-    regions, tile by tile; ``kind_y`` (Ty,) and ``kind_x`` (Tx,), each tile's kind of bias pattern along one
-    axis, ``kind`` (Ty*Tx,) its kind of both; ``by`` (Ky, t, Ry) and ``bx`` (Kx, t, Rx), the bias index of each
-    kind along one axis."""
+
+    - ``queries`` (Ty, Tx*t*t) and ``keys`` (Ty, Tx*R): the map positions of each tile row's queries and key
+      regions, tile by tile;
+    - ``by`` (Ty, t, Ry) and ``bx`` (Tx, t, Rx): each tile's bias index along one axis;
+    - ``kind_y`` (Ty,) and ``kind_x`` (Tx,): each tile's kind along one axis, ``kind`` (Ty*Tx,) its kind of both;
+      ``by_kind`` (Ky, t, Ry) and ``bx_kind`` (Kx, t, Rx): the bias index of each kind along one axis;
+    - ``kind_cells`` (Ky*Kx*t*t*R,): each kind's bias elements as cells of the flattened, -inf-padded table.
+    """
     ky, by = _tiles(height, kernel_size, tile, device)
     kx, bx = _tiles(width, kernel_size, tile, device)
     n_ty, n_tx = ky.shape[0], kx.shape[0]
     kind_y, example_y = _tile_kinds(n_ty, kernel_size, tile, device)
     kind_x, example_x = _tile_kinds(n_tx, kernel_size, tile, device)
+    by_kind, bx_kind = by[example_y], bx[example_x]
+    side = 2 * kernel_size   # of the padded table; index -1 is its last row / column, which holds -inf
+    cells = (by_kind % side)[:, None, :, None, :, None] * side + (bx_kind % side)[None, :, None, :, None, :]
     # The last tile's queries past the map repeat its last row or column; their outputs are cropped.
     rows = torch.arange(n_ty * tile, device=device).clamp(max=height - 1).view(n_ty, tile)
     cols = torch.arange(n_tx * tile, device=device).clamp(max=width - 1).view(n_tx, tile)
     return dict(queries=(rows[:, None, :, None] * width + cols[None, :, None, :]).view(n_ty, -1),
-                keys=(ky[:, None, :, None] * width + kx[None, :, None, :]).view(n_ty, -1),
+                keys=(ky[:, None, :, None] * width + kx[None, :, None, :]).view(n_ty, -1), by=by, bx=bx,
                 kind_y=kind_y, kind_x=kind_x, kind=(kind_y[:, None] * example_x.shape[0] + kind_x).view(-1),
-                by=by[example_y], bx=bx[example_x])
+                by_kind=by_kind, bx_kind=bx_kind, kind_cells=cells.reshape(-1))
 
 
 def _row_tiling(height: int, width: int, kernel_size: int, tile: int, device: torch.device) -> dict:
@@ -154,30 +164,41 @@ class NeighborhoodAttention(nn.Module):
         batch, hp, wp = qkv.shape[:3]
         heads, t = self.num_heads, self.tile
         n_ty, n_tx = -(-hp // t), -(-wp // t)
-        if attention_plan(qkv.device) == 'cpu':
+        # A trace (ONNX export) takes the device plan's graph, whose ops do not depend on the map size.
+        if attention_plan(qkv.device) == 'cpu' and not torch.jit.is_tracing():
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
             # Per kind of tile row: (Ky, Tx, heads, t*t, R).
-            bias = self._tile_bias(tiles['by'], tiles['bx']).permute(1, 2, 0, 3, 4).index_select(1, tiles['kind_x'])
+            bias = self._tile_bias(tiles['by_kind'], tiles['bx_kind']).permute(1, 2, 0, 3, 4).index_select(
+                1, tiles['kind_x'])
             out = _TiledAttention.apply(qkv.reshape(batch, hp * wp, 3, heads, -1), bias, tiles['queries'],
                                         tiles['keys'], tiles['kind_rows'], t, self.scale)
             return out.view(batch, n_ty * t, n_tx * t, -1)
         tiles = size_cached(_tiling, hp, wp, self.kernel_size, t, qkv.device)
-        bias = self._tile_bias(tiles['by'], tiles['bx']).flatten(1, 2)   # (heads, Ky*Kx, t*t, R)
         # Heads first, so that the tiles of all heads gather as (B, heads * tiles) batch entries whose masks the
         # images share without a copy per image.
         qkv = qkv.reshape(batch, hp * wp, 3, heads, -1).permute(2, 0, 3, 1, 4).contiguous()   # (3, B, heads, HW, d)
-        out = _TiledAttentionAtOnce.apply(qkv, bias, tiles['kind'], tiles['queries'].view(-1), tiles['keys'].view(-1),
-                                          self.scale)   # (B, heads*Ty*Tx, t*t, d)
+        index = [tiles[key] for key in ('by', 'bx', 'kind', 'kind_cells')] + [tiles['queries'].view(-1),
+                                                                              tiles['keys'].view(-1)]
+        attend = _attend_tiles_traced if torch.jit.is_tracing() else _TiledAttentionAtOnce.apply
+        out = attend(qkv, self._padded_table(), *index, self.scale)   # (B, heads*Ty*Tx, t*t, d)
         out = out.view(batch, heads, n_ty, n_tx, t, t, -1).permute(0, 2, 4, 3, 5, 1, 6)
         return out.reshape(batch, n_ty * t, n_tx * t, -1)
 
+    def _padded_table(self) -> torch.Tensor:
+        """(heads, 2k, 2k): the bias table with a row and a column of -inf appended, which index -1 reads (a key
+        outside the query's window)."""
+        return F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
+
     def _tile_bias(self, by: torch.Tensor, bx: torch.Tensor) -> torch.Tensor:
         """(heads, Ny, Nx, t*t, R): the bias of tiles with the bias indexes by (Ny, t, Ry) and bx (Nx, t, Rx).
-        Index -1, outside a query's window, reads the -inf appended to each axis of the table. In the table's
-        dtype: under autocast its gradient sums many tiles, which bf16 would round."""
-        rpb = F.pad(self.rpb, (0, 1, 0, 1), value=float('-inf'))
-        bias = rpb[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Ny, Nx, t, t, Ry, Rx)
-        return bias.reshape(*bias.shape[:3], self.tile ** 2, -1)
+        In the table's dtype: under autocast its gradient sums many tiles, which bf16 would round."""
+        return _tile_bias(self._padded_table(), by, bx)
+
+
+def _tile_bias(table: torch.Tensor, by: torch.Tensor, bx: torch.Tensor) -> torch.Tensor:
+    """(heads, Ny, Nx, t*t, R) from the padded table (heads, 2k, 2k) and bias indexes by (Ny, t, Ry), bx (Nx, t, Rx)."""
+    bias = table[:, by[:, None, :, None, :, None], bx[None, :, None, :, None, :]]   # (heads, Ny, Nx, t, t, Ry, Rx)
+    return bias.reshape(*bias.shape[:3], by.shape[1] ** 2, -1)
 
 
 def _gather_tiles(pixels: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, t: int):
@@ -269,9 +290,14 @@ def _gather_heads(qkv: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, 
     return q, k, v
 
 
-def _tile_masks(bias: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-    """(heads*T, t*t, R): each tile's bias, from the bias of each kind (heads, K, t*t, R) and each tile's kind (T,)."""
-    return bias.index_select(1, kind).flatten(0, 1)
+def _attend_tiles_traced(qkv: torch.Tensor, table: torch.Tensor, by: torch.Tensor, bx: torch.Tensor, kind: torch.Tensor,
+                         kind_cells: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """:class:`_TiledAttentionAtOnce`'s forward in plain ops, for a trace: an ONNX graph of standard operators
+    (gathers, two batched matmuls and a softmax) with nothing of a custom Function in it."""
+    q, k, v = _gather_heads(qkv, queries, keys, kind.shape[0])
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(_tile_bias(table, by, bx).flatten(0, 2))
+    return torch.matmul(scores.softmax(-1), v)
 
 
 class _TiledAttentionAtOnce(torch.autograd.Function):
@@ -279,40 +305,46 @@ class _TiledAttentionAtOnce(torch.autograd.Function):
     backward gathers the tiles again and differentiates them all in one :func:`attention_backward`. A few dozen
     ops per layer whatever the map size, and no value read back.
 
-    The bias is built per kind of tile (a few dozen, :func:`_tile_kinds`) and spread to the tiles once per call,
-    as a mask that the images share (heads and tiles are the batch entries of each image); its gradient is
-    summed over the images and then per kind, so that the table's gradient gathers from a few kinds, not from
+    The tiles' bias is read from the table once per call, as a mask that the images share (heads and tiles are
+    the batch entries of each image); its gradient is summed over the images and then over the tiles of each
+    kind (:func:`_tile_kinds`), so that what reaches the table comes from a few dozen kinds of tile, not from
     every tile of every image.
 
-    qkv: (3, B, heads, Hp*Wp, d); bias: (heads, K, t*t, R); kind (T,): each tile's kind; queries (T*t*t,) and
-    keys (T*R,): the map positions of each tile's queries and key region. Returns (B, heads*T, t*t, d).
+    qkv: (3, B, heads, Hp*Wp, d); table: (heads, 2k, 2k), padded with -inf; by (Ty, t, Ry), bx (Tx, t, Rx),
+    kind (T,), kind_cells (K*t*t*R,), queries (T*t*t,), keys (T*R,): see :func:`_tiling`. Returns
+    (B, heads*T, t*t, d).
     """
 
     @staticmethod
-    def forward(ctx, qkv, bias, kind, queries, keys, scale):
+    def forward(ctx, qkv, table, by, bx, kind, kind_cells, queries, keys, scale):
         q, k, v = _gather_heads(qkv, queries, keys, kind.shape[0])
         # Views of a tensor that requires grad do too, even under no_grad, and send the kernel to its math path.
-        mask = _tile_masks(bias.detach(), kind).to(qkv.dtype)[None]
+        mask = _tile_bias(table.detach(), by, bx).flatten(0, 2).to(qkv.dtype)[None]   # (1, heads*T, t*t, R)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(qkv, bias, kind, queries, keys, out)
+        ctx.save_for_backward(qkv, table, by, bx, kind, kind_cells, queries, keys, out)
         ctx.scale = scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qkv, bias, kind, queries, keys, out = ctx.saved_tensors
+        qkv, table, by, bx, kind, kind_cells, queries, keys, out = ctx.saved_tensors
         _, batch, heads, _, dim = qkv.shape
-        tiles, (t2, regions) = kind.shape[0], bias.shape[2:]
+        tiles = kind.shape[0]
         # Half precision is differentiated and accumulated in fp32, as in the fused kernels.
         work = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
         q, k, v = (x.flatten(0, 1) for x in _gather_heads(qkv, queries, keys, tiles))
-        grad_q, grad_k, grad_v, grad_s = attention_backward(
-            q, k, v, _tile_masks(bias, kind).to(work), out.flatten(0, 1), grad_out.flatten(0, 1), ctx.scale)
-        grad_bias = torch.zeros_like(bias, dtype=work).index_add_(
-            1, kind, grad_s.view(batch, heads, tiles, t2, regions).sum(0))
+        mask = _tile_bias(table, by, bx).flatten(0, 2).to(work)   # shared by the images: broadcast, not copied
+        grad_q, grad_k, grad_v, grad_s = attention_backward(q, k, v, mask, out.flatten(0, 1), grad_out.flatten(0, 1),
+                                                            ctx.scale)
+        # Summed over the images, then over the tiles of each kind, then into the table's cells.
+        per_tile = grad_s.view(batch, heads, tiles, -1).sum(0)
+        per_kind = per_tile.new_zeros(heads, kind_cells.shape[0] // per_tile.shape[2], per_tile.shape[2])
+        per_kind.index_add_(1, kind, per_tile)
+        grad_table = per_kind.new_zeros(heads, table[0].numel()).index_add_(1, kind_cells, per_kind.flatten(1))
         # Summed into the (q, k, v) maps, in qkv's heads-first layout.
         grad_qkv = qkv.new_zeros(qkv.shape, dtype=work)
         for part, index, grad in ((0, queries, grad_q), (1, keys, grad_k), (2, keys, grad_v)):
             grad_qkv[part].index_add_(2, index, grad.view(batch, heads, -1, dim))
-        return grad_qkv.to(qkv.dtype), grad_bias.to(bias.dtype), None, None, None, None
+        return (grad_qkv.to(qkv.dtype), grad_table.view_as(table).to(table.dtype),
+                None, None, None, None, None, None, None)
