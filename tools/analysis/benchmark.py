@@ -1,7 +1,7 @@
 """Speed and peak memory of the DAT backbones: fast vs reference attention, against Swin-T.
 
-Each measurement runs in its own process (batch 1). Peak memory is what the first pass adds on top of the
-model and input (on CUDA torch's peak allocation; on CPU the peak resident set size, reset through
+Each measurement runs in its own process (batch 1 unless --batch). Peak memory is what the first pass adds on top
+of the model and input (on CUDA torch's peak allocation; on CPU the peak resident set size, reset through
 /proc/self/clear_refs); the time is the median of --reps further passes. Swin-T is mmdet's backbone, or
 timm's where mmdet does not import (a GPU machine with mmcv-lite); the table gives each DAT row's time and
 memory as multiples of Swin-T's at the same size, pass and precision. The fast DAT rows run the device's own
@@ -34,7 +34,7 @@ MODELS = {
     'DAT-T++ fast': dict(arch='tiny++'), 'DAT-T++ ref': dict(arch='tiny++', reference_attention=True),
     SWIN: None,
 }
-DTYPES = {'fp32': None, 'bf16': 'bfloat16'}
+DTYPES = {'fp32': None, 'bf16': 'bfloat16', 'fp16': 'float16'}
 
 
 def rss_mb(field: str) -> float:
@@ -72,7 +72,8 @@ def swin_tiny(height: int, width: int):
     return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7), 'mmdet'
 
 
-def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str, dtype: str) -> dict:
+def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str, dtype: str,
+            batch: int) -> dict:
     """Runs in the child process."""
     import contextlib
 
@@ -80,7 +81,7 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     model, source = backbone(MODELS[name], height, width)
     model.to(device)
     model.train(backward)   # mmdet's Swin returns None from train(): no chaining
-    x = torch.randn(1, 3, height, width, device=device)
+    x = torch.randn(batch, 3, height, width, device=device)
     cuda = device.startswith('cuda')
     low = DTYPES[dtype]
 
@@ -115,8 +116,9 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     return dict(seconds=statistics.median(times), peak_mb=peak, source=source)
 
 
-def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str, plan: str) -> dict:
-    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device, dtype])]
+def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str, plan: str,
+              batch: int) -> dict:
+    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device, dtype, batch])]
     env = dict(os.environ, PYTHONWARNINGS='ignore', DAT_MM_ATTENTION_PLAN=plan)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -135,12 +137,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', nargs='+', default=['512x512', '640x640', '1344x800'], help='WxH')
     parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--batch', type=int, default=1, help='images per pass')
     parser.add_argument('--rounds', type=int, default=1,
                         help='measure every row this many times, in alternating order (ratios: median and range)')
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
     parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES),
-                        help='bf16: under torch.autocast')
+                        help='bf16, fp16: under torch.autocast')
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--plans', nargs='+', choices=['cpu', 'device'],
                         help="attention plans of the fast DAT rows (default: the device's own; on CUDA both)")
@@ -168,13 +171,13 @@ def main() -> int:
         return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     rounds = f', {args.rounds} rounds' if args.rounds > 1 else ''
-    print(f'device: {where}, torch {torch.__version__}, batch 1, median of {args.reps}{rounds}', flush=True)
+    print(f'device: {where}, torch {torch.__version__}, batch {args.batch}, median of {args.reps}{rounds}', flush=True)
     results = {(size, mode, dtype, label): [] for size, mode, dtype, (label, _, _) in runs}
     for k in range(args.rounds):
         # Alternating order: a drift during the run weighs on the first rows in one round, on the last in the next.
         for size, mode, dtype, (label, name, plan) in (runs if k % 2 == 0 else runs[::-1]):
             w, h = map(int, size.lower().split('x'))
-            r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan)
+            r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan, args.batch)
             results[size, mode, dtype, label].append(r)
             shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
             round_ = f' round {k + 1}' if args.rounds > 1 else ''
