@@ -110,13 +110,14 @@ def test_the_device_plan_matches_the_reference_on_cuda_in_every_precision(kind):
     for a, b in zip(ours[1:], theirs[1:]):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-5
     errors = {}
+    names = ['output', 'input', *(n for n, _ in fast.named_parameters())]
     for name, dtype in HALF.items():
-        fast_error, ref_error = _errors(_run(fast, x, dtype), exact), _errors(_run(ref, x, dtype), exact)
-        errors[name] = dict(fast=max(fast_error), reference=max(ref_error))
-        names = ['output', 'input', *(n for n, _ in fast.named_parameters())]
-        for what, f, r in zip(names, fast_error, ref_error):
-            if what != 'proj_k.bias':   # a true gradient of zero: rounding noise in both
-                assert f <= 2 * r + 1e-3, (name, what, f, r)
+        # proj_k.bias has a true gradient of zero: rounding noise in both paths, left out.
+        fast_error, ref_error = ({what: e for what, e in zip(names, _errors(_run(layer, x, dtype), exact))
+                                  if what != 'proj_k.bias'} for layer in (fast, ref))
+        errors[name] = dict(fast=max(fast_error.values()), reference=max(ref_error.values()))
+        for what, f in fast_error.items():
+            assert f <= 2 * ref_error[what] + 1e-3, (name, what, f, ref_error[what])
     report(f'precision_{kind}', errors)
 
 
