@@ -5,6 +5,10 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+# The version and the torch floor, from the one module that holds them (it imports nothing but re).
+VERSION = {}
+exec((ROOT / 'dat_mm' / 'version.py').read_text(), VERSION)
+TORCH_MINIMUM = '.'.join(map(str, VERSION['TORCH_MINIMUM']))
 # What `mim search / train / test` read from an installed package: <package>/.mim/{configs,tools,model-index.yml}.
 MIM_FILES = ('configs', 'tools', 'model-index.yml')
 
@@ -32,8 +36,12 @@ class BuildWithMimFiles(build_py):
 
 setup(
     name='dat_mm',
-    version='0.1.0',
+    version=VERSION['__version__'],
     description='Deformable Attention Transformer (DAT, DAT++) backbones for MMDetection and MMSegmentation',
+    long_description=(ROOT / 'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    license_files=['LICENSE'],
     packages=find_packages(include=['dat_mm', 'dat_mm.*']),
     # Declared, so that an editable install puts the checkout itself on sys.path (a .pth line) rather than an
     # import hook behind Python's own path search, where the folder that holds mim's links in site-packages
@@ -41,9 +49,15 @@ setup(
     package_dir={'': '.'},
     # Compiled on the user's machine, by the set-up or on first use (dat_mm/models/layers/deformable_bias.py).
     package_data={'dat_mm.models.layers': ['*.cpp']},
-    python_requires='>=3.8',
-    # mmcv (full, with compiled ops) is built from source by tools/setup_env.sh; pip cannot do that unaided.
-    install_requires=['torch>=2.0', 'mmengine>=0.10.0,<1.0', 'mmdet>=3.0,<4.0', 'mmsegmentation>=1.0,<2.0'],
+    # Path.is_relative_to (tools/demo.py); every torch from the floor below runs on 3.9.
+    python_requires='>=3.9',
+    # The oldest releases that have what the code calls: torch (dat_mm/version.py); mmdet 3.2, the first that
+    # runs with mmcv 2.1 (which torch >= 2.1 needs), and with it mmengine 0.7.1; mmseg 1.2.2, whose visualizer
+    # takes with_labels (tools/demo_figures.py). mmcv 2.1 (full, with compiled ops; mmdet and mmseg take
+    # < 2.2) is not listed: pip would build it in isolation, without torch and without ops. tools/setup_env.sh
+    # builds it; docs/installation.md says how.
+    install_requires=[f'torch>={TORCH_MINIMUM}', 'mmengine>=0.7.1,<1.0', 'mmdet>=3.2.0,<4.0',
+                      'mmsegmentation>=1.2.2,<2.0'],
     extras_require={'timm': ['timm'], 'deploy': ['onnx', 'onnxruntime']},
     cmdclass={'build_py': BuildWithMimFiles},
 )

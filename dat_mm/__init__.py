@@ -5,6 +5,12 @@ MMEngine writes into checkpoints, so that resuming works under torch's ``weights
 """
 import warnings
 
+import torch
+
+from .version import __version__, check_torch
+
+check_torch(torch.__version__)   # before anything that calls newer torch APIs
+
 # mmengine 0.10.7 imports pkg_resources afresh (importlib.reload) each time it resolves an mmdet:: or mmseg::
 # base config, and the setuptools < 81 that the stack needs (mmcv's build, mmengine, mim) says on every such
 # import that pkg_resources will go: the same notice once per config read, which no user can act on. Only
@@ -15,7 +21,6 @@ from .checkpoint import register_safe_globals  # noqa: E402
 from .models import DAT  # noqa: E402
 from .registry import MODELS  # noqa: E402
 
-__version__ = '0.1.0'
-__all__ = ['DAT', 'MODELS']
+__all__ = ['DAT', 'MODELS', '__version__']
 
 register_safe_globals()

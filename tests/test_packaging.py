@@ -42,6 +42,34 @@ def wheel(site) -> Path:
     return wheel
 
 
+def test_import_stops_on_an_older_torch_naming_the_version_it_needs():
+    """torch 2.1, the usual torch of an mmcv 2.1 stack, lacks torch.library.register_fake and
+    torch.serialization.add_safe_globals: importing there must say what to install, not raise AttributeError."""
+    code = "import torch\ntorch.__version__ = '2.1.2+cu121'\nimport dat_mm\n"
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=tool_env())
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('ImportError: dat_mm needs torch >= 2.4') and 'torch 2.1.2+cu121' in last, proc.stderr
+
+
+def test_the_wheel_declares_the_floors_the_code_checks_a_license_and_the_readme(wheel):
+    from dat_mm.version import TORCH_MINIMUM, check_torch
+    check_torch('2.4.0')
+    check_torch('2.13.0+cpu')
+    with pytest.raises(ImportError, match='needs torch >= 2.4'):
+        check_torch('2.3.1')
+    archive = zipfile.ZipFile(wheel)
+    metadata = archive.read('dat_mm-0.1.0.dist-info/METADATA').decode()
+    requires = re.findall(r'^Requires-Dist: (.+)$', metadata, re.M)
+    assert f"torch>={'.'.join(map(str, TORCH_MINIMUM))}" in requires
+    names = {re.match(r'[\w.-]+', r).group(0): r for r in requires if 'extra ==' not in r}
+    assert set(names) == {'torch', 'mmengine', 'mmdet', 'mmsegmentation'}, requires
+    assert '>=3.2.0' in names['mmdet'] and '>=1.2.2' in names['mmsegmentation'] and '>=0.7.1' in names['mmengine']
+    assert 'Requires-Python: >=3.9' in metadata and 'License: Apache-2.0' in metadata
+    assert (ROOT / 'README.md').read_text().splitlines()[0] in metadata   # long_description
+    assert any(name.endswith('LICENSE') for name in archive.namelist())
+
+
 def test_a_module_deleted_from_the_source_leaves_the_wheel(tmp_path):
     stale = ROOT / 'build' / 'lib' / 'dat_mm' / 'deleted_module.py'   # as an earlier build would leave it
     stale.parent.mkdir(parents=True, exist_ok=True)

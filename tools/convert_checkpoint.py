@@ -32,9 +32,10 @@ def read_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        raise SystemExit(f'{path} holds Python objects beyond tensors and plain data ({", ".join(unsafe)}); '
-                         'refusing to unpickle them. Re-save its state dict alone from a trusted session.')
+        names = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)   # torch >= 2.6
+        unsafe = f' ({", ".join(names(path))})' if names else ''
+        raise SystemExit(f'{path} holds Python objects beyond tensors and plain data{unsafe}; refusing to '
+                         'unpickle them. Re-save its state dict alone from a trusted process.')
 
 
 def _check_against_config(state: dict, config: str) -> None:

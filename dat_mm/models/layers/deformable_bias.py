@@ -119,12 +119,15 @@ def _load() -> bool:
             torch.ops.load_library(str(path))
         else:
             _build_and_load(path)
-        _register_fake_kernels()
-        return True
-    except Exception as err:   # no compiler or ninja, an unsupported platform, a build that never ended
+    # What a machine without the means to build or load them raises: no compiler or ninja, a failed compile
+    # (RuntimeError from torch's build), a library that does not load or a build that never ended (OSError,
+    # TimeoutError). Anything else is a bug, and shows as one.
+    except (OSError, RuntimeError) as err:
         warnings.warn(f'dat_mm: the deformable-attention CPU kernels could not be built, so the position bias '
                       f'falls back to grid_sample (the same numbers; DAT-T++ trains about 1.45x slower on CPU): {err}')
         return False
+    _register_fake_kernels()
+    return True
 
 
 _available: Optional[bool] = None
