@@ -199,3 +199,31 @@ def test_deterministic_mode_on_cuda_stops_with_what_to_change():
         check_nondeterminism_allowed(torch.device('cuda', 0))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_the_traced_attention_paths_give_the_fast_paths_numbers():
+    """What an ONNX export traces (plain ops, four parts of queries, one GridSample each; tiles as gathers and
+    two matmuls), run eagerly in float64 against the device plan's Functions on the same inputs."""
+    from dat_mm.models.layers import deformable_attention as da
+    from dat_mm.models.layers import neighborhood_attention as na
+    torch.manual_seed(0)
+    groups, heads, batch, dim, queries, keys = 2, 4, 2, 8, 37, 11   # 37 queries: four unequal parts
+    q = torch.randn(batch, heads, queries, dim, dtype=torch.float64)
+    k, v = (torch.randn(batch, heads, keys, dim, dtype=torch.float64) for _ in range(2))
+    table = torch.randn(heads, 9, 13, dtype=torch.float64)
+    pos = torch.rand(batch * groups, keys, 2, dtype=torch.float64) * 2.4 - 1.2
+    query = (torch.rand(queries, 2, dtype=torch.float64) * 2 - 1) * 0.5
+    ours = da._biased_attention_traced(q, k, v, table, pos, query, groups, 0.3, 'device')
+    theirs = da._ChunkedBiasedAttention.apply(q, k, v, table, pos, query, groups, 0.3, 'device')
+    assert (ours - theirs).abs().max() < 1e-12
+
+    layer = NeighborhoodAttention(16, 2).double()
+    torch.nn.init.normal_(layer.rpb, std=0.5)
+    hp, wp = 17, 23
+    tiles = na._tiling(hp, wp, 7, layer.tile, torch.device('cpu'))
+    qkv = torch.randn(3, batch, 2, hp * wp, 8, dtype=torch.float64)
+    index = [tiles[key] for key in ('by', 'bx', 'kind', 'kind_cells')] + [tiles['queries'].view(-1),
+                                                                          tiles['keys'].view(-1)]
+    ours = na._attend_tiles_traced(qkv, layer._padded_table(), *index, layer.scale)
+    theirs = na._TiledAttentionAtOnce.apply(qkv, layer._padded_table(), *index, layer.scale)
+    assert (ours - theirs).abs().max() < 1e-12

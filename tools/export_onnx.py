@@ -6,9 +6,11 @@ with a segmentor config also the whole segmentor's 'tensor' mode (image -> logit
     python tools/export_onnx.py configs/seg/upernet_dat-t++_8xb2-160k_ade20k-512x512.py --checkpoint model.pth \\
         --shape 512 512 --out upernet.onnx        # also writes upernet_segmentor.onnx
 
-Height and width are dynamic in the backbone graph: the attention's shape logic (padding, windows, key
-grids) is traced as arithmetic on the input size. The export uses the plain reference attention, which
-computes the same numbers as the default chunked path in a graph without Python loops over chunks. In the
+Height and width are dynamic in the backbone graph: the attention's shape logic (padding, windows, tiles, key
+grids) is traced as arithmetic on the input size. The attention layers trace their device plan in plain ops
+(dat_mm/models/layers: ``_attend_tiles_traced``, ``_biased_attention_traced``): neighborhood attention as tiles
+of queries attending to their key regions, deformable attention as one block whose bias is one GridSample, with
+no loop whose length the export size would fix. They compute the reference's numbers (``--check``). In the
 segmentor, adaptive average pooling (UperNet's pyramid pooling), which the exporter converts only for
 constant input sizes, is exported as averaging-matrix products built from the size (same windows).
 ``--check`` compares onnxruntime with the unchanged PyTorch model at the export shape and two others, and
@@ -18,6 +20,7 @@ Needs the deploy extra: ``pip install onnx onnxruntime`` (``pip install .[deploy
 import argparse
 import copy
 import importlib.util
+import inspect
 import logging
 import sys
 import warnings
@@ -95,9 +98,11 @@ def export(module: nn.Module, shape: Tuple[int, int], out: Path, outputs: List[s
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every shape-dependent Python value; the check below is what tells.
         warnings.simplefilter('ignore')
+        # The TorchScript exporter, which dynamic_axes belong to; torch >= 2.5 defaults to another unless told.
+        legacy = {'dynamo': False} if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(module, (torch.randn(1, 3, *shape),), str(out), input_names=['image'],
-                          output_names=outputs, opset_version=OPSET, dynamo=False,
-                          dynamic_axes={'image': {2: 'height', 3: 'width'}})
+                          output_names=outputs, opset_version=OPSET, dynamic_axes={'image': {2: 'height', 3: 'width'}},
+                          **legacy)
 
 
 def check(module: nn.Module, path: Path, shapes: List[Tuple[int, int]]) -> float:
@@ -139,7 +144,6 @@ def main() -> int:
     cfg = Config.fromfile(args.config)
     if cfg.model.get('backbone', {}).get('type') not in ('dat_mm.DAT', 'DAT'):
         raise SystemExit(f"{args.config}: the backbone is {cfg.model.get('backbone', {}).get('type')!r}, not DAT")
-    cfg.model.backbone.reference_attention = True
     torch.manual_seed(0)   # reproducible random weights when no checkpoint is given
     model = build_model(cfg)
     if args.checkpoint:

@@ -361,17 +361,32 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: 
     return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 
 
+# Parts the queries of a traced deformable layer are cut into: a fixed number, so that the graph does not depend
+# on the export size, and an inference engine that frees each part's (queries, keys) tensors before the next holds
+# a quarter of them at a time.
+TRACED_PARTS = 4
+
+
 def _biased_attention_traced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, keys: torch.Tensor,
                              query: torch.Tensor, groups: int, scale: float, plan: str) -> torch.Tensor:
-    """:class:`_ChunkedBiasedAttention` in one chunk and plain ops, for a trace (ONNX export): standard operators
-    only, and no loop whose length the export size would fix. The bias is read by one GridSample."""
+    """:class:`_ChunkedBiasedAttention` in plain ops, for a trace (ONNX export): standard operators only, and no
+    loop whose length the export size would fix. The queries attend in TRACED_PARTS parts; each part's bias is
+    one GridSample on its (queries, keys, 2) grid, which is built by expanding the queries and subtracting the
+    keys (a broadcast over the last axis alone, which inference engines run at memory speed)."""
     batch_groups, dim = keys.shape[0], q.shape[-1]
     q4, k4, v4 = (t.reshape(batch_groups, -1, t.shape[2], dim) for t in (q, k, v))
-    grid = torch.sub(query[None, :, None], keys[:, None], alpha=0.5)   # (B*g, M, Ns, 2)
-    bias = F.grid_sample(_group_tables(table.to(keys.dtype), batch_groups, groups), grid, mode='bilinear',
-                         align_corners=True)
-    scores = torch.matmul(q4, k4.transpose(-1, -2)).mul(scale).add(bias.to(q.dtype))
-    return torch.matmul(scores.softmax(-1), v4).view_as(q)
+    tables = _group_tables(table.to(keys.dtype), batch_groups, groups)
+    queries = q4.shape[2]
+    step = (queries + TRACED_PARTS - 1) // TRACED_PARTS
+    outs = []
+    for part in range(TRACED_PARTS):
+        rows = slice(part * step, (part + 1) * step)
+        points = query[rows]
+        grid = points[None, :, None].expand(batch_groups, -1, keys.shape[1], 2) - keys[:, None] * 0.5
+        bias = F.grid_sample(tables, grid, mode='bilinear', align_corners=True)
+        scores = torch.matmul(q4[:, :, rows], k4.transpose(-1, -2)).mul(scale).add(bias.to(q.dtype))
+        outs.append(torch.matmul(scores.softmax(-1), v4))
+    return torch.cat(outs, dim=2).view_as(q)
 
 
 class _ChunkedBiasedAttention(torch.autograd.Function):

@@ -6,6 +6,12 @@ from .attention_backward import attention_backward
 from .plan import attention_plan, size_cached
 
 
+def _ceil_div(n, d: int):
+    """ceil(n / d) for n >= 0, also where n is a traced size: ONNX's integer Div truncates, so -(-n // d) would
+    come out as floor(n / d) in an exported graph."""
+    return (n + d - 1) // d
+
+
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
     """(length, kernel_size) key positions of each query along one axis.
 
@@ -24,7 +30,7 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     inside the query's window and -1 outside it. The last tile may run past the map; its extra queries are
     cropped away afterwards.
     """
-    n_tiles = -(-length // tile)
+    n_tiles = _ceil_div(length, tile)
     # Under an ONNX trace the length is a 0-d tensor: Python's min would freeze the export size's branch.
     region = length.clamp(max=tile + kernel_size - 1) if isinstance(length, torch.Tensor) else \
         min(tile + kernel_size - 1, length)
@@ -163,7 +169,7 @@ class NeighborhoodAttention(nn.Module):
         """
         batch, hp, wp = qkv.shape[:3]
         heads, t = self.num_heads, self.tile
-        n_ty, n_tx = -(-hp // t), -(-wp // t)
+        n_ty, n_tx = _ceil_div(hp, t), _ceil_div(wp, t)
         # A trace (ONNX export) takes the device plan's graph, whose ops do not depend on the map size.
         if attention_plan(qkv.device) == 'cpu' and not torch.jit.is_tracing():
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
