@@ -141,10 +141,12 @@ BACKENDS = ['aot_eager', pytest.param('inductor', marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('name', ['pp', 'v1'])
-def test_the_device_plan_compiles_into_one_graph_for_inference_and_training(name, backend, monkeypatch):
-    """torch.compile(fullgraph=True) fails on any graph break; outputs and every gradient match eager mode."""
-    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
+@pytest.mark.parametrize('name,plan', [('pp', 'device'), ('v1', 'device'), ('pp', 'cpu')])
+def test_the_backbone_compiles_into_one_graph_for_inference_and_training(name, plan, backend, monkeypatch):
+    """torch.compile(fullgraph=True) fails on any graph break; outputs and every gradient match eager mode. The
+    cpu plan compiles too: its kernels are operators, and compiled, its neighborhood attention takes the device
+    plan's tiles (its own loop over tile rows would fix the map size)."""
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
     torch._dynamo.reset()
     model, _ = golden_model(name, torch.float32)
     torch.manual_seed(0)

@@ -356,7 +356,8 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: 
         heads // groups, coord_dtype.itemsize, q.dtype.itemsize, backward)
     count = max(1, -(-per_query * queries // attention_budget_bytes()))
     step = -(-queries // count)
-    if plan == 'cpu':
+    # Compiled code chunks by the budget alone: a chunk count that follows the map size would fix the size.
+    if plan == 'cpu' and not torch.compiler.is_compiling():
         step = min(step, max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2])))
     return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
 

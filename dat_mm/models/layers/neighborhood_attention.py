@@ -170,8 +170,8 @@ class NeighborhoodAttention(nn.Module):
         batch, hp, wp = qkv.shape[:3]
         heads, t = self.num_heads, self.tile
         n_ty, n_tx = _ceil_div(hp, t), _ceil_div(wp, t)
-        # A trace (ONNX export) takes the device plan's graph, whose ops do not depend on the map size.
-        if attention_plan(qkv.device) == 'cpu' and not torch.jit.is_tracing():
+        # A trace (ONNX export) and a compiled graph take the device plan's, whose ops do not depend on the map size.
+        if attention_plan(qkv.device) == 'cpu' and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
             # Per kind of tile row: (Ky, Tx, heads, t*t, R).
             bias = self._tile_bias(tiles['by_kind'], tiles['bx_kind']).permute(1, 2, 0, 3, 4).index_select(
