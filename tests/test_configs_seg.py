@@ -65,3 +65,22 @@ def test_loss_and_predict_on_a_random_batch(name):
     for res in results:
         pred = res.pred_sem_seg.data
         assert pred.shape == (1, 128, 128) and pred.min() >= 0 and pred.max() < 150
+
+
+def test_whole_image_prediction_keeps_every_pixel_at_an_odd_size():
+    # mmseg's whole-image test feeds the image unpadded; DAT v1 must not round its stem or merges down.
+    from mmseg.structures import SegDataSample
+    torch.manual_seed(0)
+    model = build_model(load_config('seg', 'upernet_dat-t_8xb2-160k_ade20k-512x512.py'), 'mmseg').eval()
+    assert model.test_cfg.mode == 'whole'
+    seen = []
+    model.backbone.register_forward_hook(lambda _, args, out: seen.append([f.shape[-2:] for f in out]))
+    shape = (512, 683)
+    sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
+    batch = model.data_preprocessor(dict(inputs=[torch.randint(0, 256, (3, *shape), dtype=torch.uint8)],
+                                         data_samples=[sample]), training=False)
+    assert batch['inputs'].shape[-2:] == shape
+    with torch.no_grad():
+        result, = model(**batch, mode='predict')
+    assert seen == [[(-(-512 // s), -(-683 // s)) for s in (4, 8, 16, 32)]]
+    assert result.pred_sem_seg.data.shape == (1, *shape)
