@@ -38,6 +38,7 @@ def test_a_run_killed_while_building_leaves_the_next_run_to_build_and_finish(tmp
     time.sleep(5)   # the compiler is running
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    first.stdout.close()
     assert first.returncode == -signal.SIGKILL, ''.join(seen)
     assert not list(extensions.rglob('*.so')), 'the build had finished before the kill'
     assert list(extensions.glob('*.lock')) and list(extensions.glob('*.build-*')), 'what a killed build leaves'

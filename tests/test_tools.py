@@ -258,7 +258,7 @@ def _slurm_cases():
                            ['CFG.py', 'CKPT.pth', *more], value, words, id=f'test-{srun_id}-{extra_id}')
 
 
-@pytest.mark.parametrize('script,args,tool,rest,srun_args,srun_words', _slurm_cases())
+@pytest.mark.parametrize('script,args,tool,rest,srun_args,srun_words', list(_slurm_cases()))
 def test_slurm_scripts_hand_srun_the_allocation(script, args, tool, rest, srun_args, srun_words, tmp_path):
     """OpenMMLab's convention (PARTITION JOB_NAME CONFIG ..., GPUS, GPUS_PER_NODE, CPUS_PER_TASK, SRUN_ARGS); a
     stand-in srun on PATH records what it was given."""

@@ -137,6 +137,7 @@ def test_a_killed_run_resumes_to_the_configured_end(tiny_workspace, tmp_path):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
+    proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, ''.join(seen)[-3000:]
     assert (tmp_path / 'iter_3.pth').exists() and not (tmp_path / 'iter_6.pth').exists()
 
