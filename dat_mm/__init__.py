@@ -1,7 +1,8 @@
 """DAT / DAT++ backbones for MMDetection and MMSegmentation.
 
-Importing this package registers ``dat_mm.DAT`` in MMEngine's registry tree and allow-lists the few types
-MMEngine writes into checkpoints, so that resuming works under torch's ``weights_only`` loading.
+Importing this package registers ``dat_mm.DAT`` and ``EagerOptimizerStepHook`` in MMEngine's registry tree
+and allow-lists the few types MMEngine writes into checkpoints, so that resuming works under torch's
+``weights_only`` loading.
 """
 import warnings
 
@@ -20,7 +21,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API
 from .checkpoint import register_safe_globals  # noqa: E402
 from .models import DAT  # noqa: E402
 from .registry import MODELS  # noqa: E402
+from .runner import EagerOptimizerStepHook  # noqa: E402  (registered for mmdet's and mmseg's own train tools)
 
-__all__ = ['DAT', 'MODELS', '__version__']
+__all__ = ['DAT', 'EagerOptimizerStepHook', 'MODELS', '__version__']
 
 register_safe_globals()

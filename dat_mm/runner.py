@@ -1,5 +1,6 @@
 """What the tools share: one config loader for mmdet and mmseg configs, distributed runs on machines
-without CUDA, and building a config's model outside a Runner (FLOPs, export)."""
+without CUDA, a runner that MMEngine's ``compile`` can trace, and building a config's model outside a Runner
+(FLOPs, export)."""
 import argparse
 import copy
 import glob
@@ -10,6 +11,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +82,35 @@ def init_cpu_distributed(cfg: Config) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
+@HOOKS.register_module()
+class EagerOptimizerStepHook(Hook):
+    """Runs the optimizers' step outside torch.compile, which MMEngine's ``compile`` applies to the whole
+    ``train_step``, optimizer step included.
+
+    Traced, the step stops Dynamo (torch 2.13) on param groups that are ConfigDicts, which MMEngine builds from
+    every ``paramwise_cfg`` ("'UserDefinedDictVariable' object has no attribute 'items'"). Traced or not, the
+    learning rate is a Python float that the schedulers change at every iteration, and each new value would
+    compile the step again. Forward and backward stay compiled.
+    """
+
+    def before_train(self, runner) -> None:
+        wrapper = runner.optim_wrapper
+        for each in (wrapper.values() if hasattr(wrapper, 'values') else [wrapper]):
+            each.optimizer.step = torch.compiler.disable(each.optimizer.step)
+
+
+def add_compile_hooks(cfg: Config) -> None:
+    """Adds ``EagerOptimizerStepHook`` to a config that compiles (``compile=True`` or a dict), once."""
+    hooks = cfg.get('custom_hooks') or []
+    if cfg.get('compile') and not any(hook.get('type') == 'EagerOptimizerStepHook' for hook in hooks):
+        cfg.custom_hooks = [*hooks, dict(type='EagerOptimizerStepHook')]
+
+
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     init_cpu_distributed(cfg)
+    add_compile_hooks(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 

@@ -195,3 +195,42 @@ def test_the_demo_detector_learns_the_shapes(tiny_workspace, tmp_path):
     start, end = _logged_losses(log, 10), _logged_losses(log, 60)
     assert start['loss_cls'] > 1.0 and start['loss'] > 3.5, start
     assert end['loss_cls'] < 0.6 and end['loss_mask'] < 0.6 and end['loss'] < 2.9, end
+
+
+def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes():
+    # MMEngine's compile traces train_step, optimizer step included. Dynamo cannot trace param groups that are
+    # ConfigDicts, which MMEngine builds from every paramwise_cfg, and each new learning rate would compile the
+    # step again. tools/train.py adds a hook that keeps the step eager.
+    from types import SimpleNamespace
+
+    from mmengine.config import Config, ConfigDict
+    from mmengine.optim import build_optim_wrapper
+
+    from dat_mm.runner import EagerOptimizerStepHook, add_compile_hooks
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))
+    wrapper = build_optim_wrapper(model, ConfigDict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+        paramwise_cfg=dict(norm_decay_mult=0.0)))
+    assert all(isinstance(group, ConfigDict) for group in wrapper.optimizer.param_groups)
+    EagerOptimizerStepHook().before_train(SimpleNamespace(optim_wrapper=wrapper))
+
+    def step(x):
+        wrapper.update_params(model(x).square().mean())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, backend='eager')
+    for lr in (1e-3, 2e-3, 3e-3):
+        for group in wrapper.optimizer.param_groups:
+            group['lr'] = lr
+        weight = model[0].weight.detach().clone()
+        compiled(torch.randn(2, 3, 5, 5))
+        assert not torch.equal(model[0].weight, weight)
+    # One graph before the step and one after its graph break, each compiled once for all three rates.
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 2, dict(torch._dynamo.utils.counters['stats'])
+
+    for compile, hooks in ((False, ['EMAHook']), (True, ['EMAHook', 'EagerOptimizerStepHook']),
+                           (dict(dynamic=False), ['EMAHook', 'EagerOptimizerStepHook'])):
+        cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
+        add_compile_hooks(cfg)
+        add_compile_hooks(cfg)
+        assert [hook['type'] for hook in cfg.custom_hooks] == hooks
