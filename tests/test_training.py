@@ -1,9 +1,12 @@
-"""The training path beyond one uninterrupted process: two ranks over gloo, and a killed run resumed."""
+"""The training path beyond one uninterrupted process: two ranks over gloo, a killed run resumed, MMEngine's compile."""
+import math
+import os
 import re
 import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dat_mm  # noqa: F401  (makes MMEngine checkpoints loadable under weights_only)
@@ -234,3 +237,19 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
         add_compile_hooks(cfg)
         add_compile_hooks(cfg)
         assert [hook['type'] for hook in cfg.custom_hooks] == hooks
+
+
+# Inductor's cold compile of a demo model takes 2-5 minutes on a 2-core CPU: opt-in, as in test_plans.py.
+@pytest.mark.skipif(os.environ.get('DAT_MM_TEST_INDUCTOR') != '1',
+                    reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1')
+@pytest.mark.parametrize('config,entry', [(SEGMENTOR, 'tools/train.py'), (DETECTOR, 'tools/train.py'),
+                                          (SEGMENTOR, 'mim')])
+def test_mmengine_compile_trains_the_demo_models(tiny_workspace, tmp_path, config, entry):
+    command = [ROOT / 'tools/train.py'] if entry == 'tools/train.py' else ['-m', 'mim', 'train', 'dat_mm']
+    log = run_tool([*command, config, '--work-dir', tmp_path, '--cfg-options', 'compile=True',
+                    'train_cfg.max_iters=3', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
+                    'default_hooks.logger.interval=1'], tiny_workspace)
+    assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log
+    losses = [float(x) for x in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.e+na]+)', log)]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+    assert torch.load(tmp_path / 'iter_3.pth')['meta']['iter'] == 3
