@@ -99,18 +99,29 @@ class EagerOptimizerStepHook(Hook):
             each.optimizer.step = torch.compiler.disable(each.optimizer.step)
 
 
-def add_compile_hooks(cfg: Config) -> None:
-    """Adds ``EagerOptimizerStepHook`` to a config that compiles (``compile=True`` or a dict), once."""
+def prepare_compile(cfg: Config) -> None:
+    """For a config that compiles (``compile=True`` or a dict): ``EagerOptimizerStepHook`` added once, and
+    static shapes unless the config chooses. Inductor (torch 2.13) fails on the symbolic sizes that a second
+    input size brings under ``dynamic=None`` (docs/design.md#torchcompile); static, each size compiles once,
+    up to torch's recompile limit."""
+    if not cfg.get('compile'):
+        return
     hooks = cfg.get('custom_hooks') or []
-    if cfg.get('compile') and not any(hook.get('type') == 'EagerOptimizerStepHook' for hook in hooks):
+    if not any(hook.get('type') == 'EagerOptimizerStepHook' for hook in hooks):
         cfg.custom_hooks = [*hooks, dict(type='EagerOptimizerStepHook')]
+    options = ConfigDict(cfg.compile) if isinstance(cfg.compile, dict) else ConfigDict()
+    if 'dynamic' not in options:
+        options.dynamic = False
+        print('compile: dynamic=False (inductor fails on symbolic sizes); set compile.dynamic to choose',
+              flush=True)
+    cfg.compile = options
 
 
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     init_cpu_distributed(cfg)
-    add_compile_hooks(cfg)
+    prepare_compile(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 

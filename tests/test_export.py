@@ -83,3 +83,13 @@ def test_dat_t_pp_backbone_at_detection_size_matches_pytorch(tmp_path):
     got = session.run(None, {'image': image.numpy()})
     assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
     assert max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected)) < 1e-4
+
+
+def test_the_onnxruntime_benchmark_prints_its_table(tmp_path):
+    out = run_tool([ROOT / 'tools/analysis/benchmark_onnx.py', '--sizes', '64x96', '--models', 'DAT-T++', 'Swin-T',
+                    '--reps', '1'], tmp_path)
+    rows = {m.group(1): m.group(2) for m in re.finditer(r'^\| 64x96 \| (DAT-T\+\+|Swin-T) \| (.*)$', out, re.M)}
+    assert set(rows) == {'DAT-T++', 'Swin-T'}, out[-2000:]
+    cells = [c.strip() for c in rows['DAT-T++'].split('|')]
+    assert float(cells[0]) > 0 and float(cells[1]) > 0, rows
+    assert re.fullmatch(r'\d+\.\d\dx', cells[2]) and re.fullmatch(r'\d+\.\d\dx', cells[3]), rows

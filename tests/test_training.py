@@ -203,13 +203,13 @@ def test_the_demo_detector_learns_the_shapes(tiny_workspace, tmp_path):
 def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes():
     # MMEngine's compile traces train_step, optimizer step included. Dynamo cannot trace param groups that are
     # ConfigDicts, which MMEngine builds from every paramwise_cfg, and each new learning rate would compile the
-    # step again. tools/train.py adds a hook that keeps the step eager.
+    # step again. tools/train.py adds a hook that keeps the step eager, and compiles static shapes by default.
     from types import SimpleNamespace
 
     from mmengine.config import Config, ConfigDict
     from mmengine.optim import build_optim_wrapper
 
-    from dat_mm.runner import EagerOptimizerStepHook, add_compile_hooks
+    from dat_mm.runner import EagerOptimizerStepHook, prepare_compile
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))
     wrapper = build_optim_wrapper(model, ConfigDict(
         type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
@@ -231,12 +231,15 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
     # One graph before the step and one after its graph break, each compiled once for all three rates.
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 2, dict(torch._dynamo.utils.counters['stats'])
 
-    for compile, hooks in ((False, ['EMAHook']), (True, ['EMAHook', 'EagerOptimizerStepHook']),
-                           (dict(dynamic=False), ['EMAHook', 'EagerOptimizerStepHook'])):
+    for compile, hooks, dynamic in ((False, ['EMAHook'], None),
+                                    (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
+                                    (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
+                                    (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
         cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
-        add_compile_hooks(cfg)
-        add_compile_hooks(cfg)
+        prepare_compile(cfg)
+        prepare_compile(cfg)
         assert [hook['type'] for hook in cfg.custom_hooks] == hooks
+        assert (cfg.compile.get('dynamic') if compile else None) == dynamic
 
 
 # Inductor's cold compile of a demo model takes 2-5 minutes on a 2-core CPU: opt-in, as in test_plans.py.
@@ -249,7 +252,7 @@ def test_mmengine_compile_trains_the_demo_models(tiny_workspace, tmp_path, confi
     log = run_tool([*command, config, '--work-dir', tmp_path, '--cfg-options', 'compile=True',
                     'train_cfg.max_iters=3', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
                     'default_hooks.logger.interval=1'], tiny_workspace)
-    assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log
+    assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log and 'dynamic=False' in log
     losses = [float(x) for x in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.e+na]+)', log)]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
     assert torch.load(tmp_path / 'iter_3.pth')['meta']['iter'] == 3

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
+from benchmark import backbone, ratio  # noqa: E402  (the PyTorch benchmark's models and ratio cells)
+
 MODELS = {'DAT-T++': dict(arch='tiny++'), 'DAT-T (1,1,2,1)': dict(arch='tiny', deform_strides=(1, 1, 2, 1)),
           'Swin-T': None}
 SWIN = 'Swin-T'
@@ -29,8 +32,6 @@ def export_model(name: str, height: int, width: int, path: str) -> dict:
     """Child process: writes the ONNX file; returns its size and the export time."""
     import torch
     sys.path.insert(0, str(ROOT / 'tools'))
-    sys.path.insert(0, str(ROOT / 'tools' / 'analysis'))
-    from benchmark import backbone
     from export_onnx import export
     torch.manual_seed(0)
     model, _ = backbone(MODELS[name], height, width)
@@ -66,12 +67,6 @@ def child(args: list) -> dict:
     if proc.returncode:
         return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:100])
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def ratio(values: list, references: list) -> str:
-    ratios = sorted(v / r for v, r in zip(values, references))
-    spread = f' ({ratios[0]:.2f}-{ratios[-1]:.2f}x)' if len(ratios) > 1 else ''
-    return f'{statistics.median(ratios):.2f}x{spread}'
 
 
 def main() -> int:
