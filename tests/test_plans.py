@@ -153,6 +153,32 @@ def test_the_backbone_compiles_into_one_graph_for_inference_and_training(name, p
     _compare_compiled(model, torch.randn(2, 3, 64, 96), backend)
 
 
+def test_one_dynamic_shape_graph_serves_two_input_sizes_in_training(monkeypatch):
+    """torch.compile(dynamic=True), as multi-scale training ends up compiling (after a second size, dynamo
+    marks the sizes symbolic): one graph, no recompilation at the second size, outputs and every gradient equal
+    eager at both. Through aot_eager, which traces Dynamo's and AOTAutograd's graphs on symbolic sizes;
+    inductor's lowering of such graphs fails in torch 2.13 (docs/design.md). The smallest DAT++ with both of
+    its block kinds in the device plan, which GPUs run: symbolic tracing takes minutes per block here."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    arch = dict(version=2, dims=(16, 32, 64, 128), depths=(2, 1, 1, 1), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
+                blocks=('ND', 'D', 'D', 'D'))
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
+    model = DAT(arch=arch)
+    compiled = torch.compile(model, backend='aot_eager', dynamic=True, fullgraph=True)
+    for size in ((64, 96), (88, 72)):
+        x = torch.randn(2, 3, *size)
+        eager_outs, eager_grads = _gradients(model, model, x)
+        outs, grads = _gradients(model, compiled, x)
+        for a, b in zip(outs, eager_outs):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), size
+        for key, b in eager_grads.items():
+            assert (grads[key] - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, (size, key)
+    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+
+
 def _kernel_arguments(dtype: torch.dtype) -> dict:
     """Arguments of the two operators for 2 images, 2 offset groups of 3 heads, 7 queries, 5 keys."""
     torch.manual_seed(0)

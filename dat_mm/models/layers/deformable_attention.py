@@ -355,11 +355,14 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: 
     per_query = batch * groups * k.shape[2] * lookup.transient_bytes(
         heads // groups, coord_dtype.itemsize, q.dtype.itemsize, backward)
     count = max(1, -(-per_query * queries // attention_budget_bytes()))
-    step = -(-queries // count)
     # Compiled code chunks by the budget alone: a chunk count that follows the map size would fix the size.
     if plan == 'cpu' and not torch.compiler.is_compiling():
-        step = min(step, max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2])))
-    return [slice(start, min(queries, start + step)) for start in range(0, queries, step)]
+        count = max(count, -(-queries // max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))))
+    step = -(-queries // count)
+    # The bounds are expressions of the query count and only the number of chunks is a Python int: a graph
+    # compiled for dynamic shapes then guards on that number alone, and serves every size that has as many
+    # chunks (one, at the sizes a device budget holds) instead of the one size it was traced at.
+    return [slice(part * step, torch.sym_min(queries, (part + 1) * step)) for part in range(-(-queries // step))]
 
 
 # Parts the queries of a traced deformable layer are cut into: a fixed number, so that the graph does not depend
