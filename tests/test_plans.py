@@ -4,7 +4,6 @@ as registered operators. Numbers against the authors' model under both plans: te
 import copy
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -32,7 +31,6 @@ def test_the_plan_follows_the_device_unless_forced(monkeypatch):
 
 def test_the_attention_budget_is_a_positive_number_of_megabytes(monkeypatch):
     monkeypatch.delenv('DAT_MM_ATTENTION_BUDGET_MB', raising=False)
-    monkeypatch.delenv('DAT_MM_BIAS_BUDGET_MB', raising=False)
     assert attention_budget_bytes() == 2 ** 31
     monkeypatch.setenv('DAT_MM_ATTENTION_BUDGET_MB', '0.5')
     assert attention_budget_bytes() == 2 ** 19
@@ -40,17 +38,6 @@ def test_the_attention_budget_is_a_positive_number_of_megabytes(monkeypatch):
         monkeypatch.setenv('DAT_MM_ATTENTION_BUDGET_MB', bad)
         with pytest.raises(ValueError, match='DAT_MM_ATTENTION_BUDGET_MB'):
             attention_budget_bytes()
-
-
-def test_the_old_budget_variable_still_works_and_says_it_is_deprecated(monkeypatch):
-    monkeypatch.delenv('DAT_MM_ATTENTION_BUDGET_MB', raising=False)
-    monkeypatch.setenv('DAT_MM_BIAS_BUDGET_MB', '256')
-    with pytest.warns(FutureWarning, match='DAT_MM_BIAS_BUDGET_MB is deprecated.*DAT_MM_ATTENTION_BUDGET_MB'):
-        assert attention_budget_bytes() == 256 * 2 ** 20
-    monkeypatch.setenv('DAT_MM_ATTENTION_BUDGET_MB', '512')   # the new one wins, silently
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        assert attention_budget_bytes() == 512 * 2 ** 20
 
 
 @pytest.mark.parametrize('plan', ['cpu', 'device'])

@@ -13,14 +13,11 @@ Two plans compute the same numbers:
 tensors that grow with queries x keys, in either pass and either plan: the bias, the sampling grid, the bias's
 copy in q's dtype, the probabilities P, dS and the lookup's gradient buffers. With the default, stage 1 of DAT-T++
 at 1344x800, batch 2, attends in 2 chunks per pass, each holding at most 1.7 GB; lower it on a small GPU.
-``DAT_MM_BIAS_BUDGET_MB``, which bounded the bias alone (its 1024 let such a chunk hold 2.3 GB), is still read,
-with a deprecation warning, where the new variable is not set.
 
 CUDA runs the device plan, CPU the cpu plan; ``DAT_MM_ATTENTION_PLAN=device|cpu`` forces one on any device,
 so that the GPU's code path can be tested and its ops counted on a CPU.
 """
 import os
-import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -28,7 +25,6 @@ import torch
 
 PLAN_VARIABLE = 'DAT_MM_ATTENTION_PLAN'
 BUDGET_VARIABLE = 'DAT_MM_ATTENTION_BUDGET_MB'
-OLD_BUDGET_VARIABLE = 'DAT_MM_BIAS_BUDGET_MB'
 PLANS = ('cpu', 'device')
 
 
@@ -45,12 +41,6 @@ def attention_plan(device: torch.device) -> str:
 def attention_budget_bytes() -> int:
     """The most that one chunk of a deformable layer holds at once in (queries, keys) transients, in bytes."""
     name = BUDGET_VARIABLE
-    if name not in os.environ and OLD_BUDGET_VARIABLE in os.environ:
-        name = OLD_BUDGET_VARIABLE
-        if not torch.compiler.is_compiling():   # eager calls warn; a traced one would break the graph
-            warnings.warn(f'{OLD_BUDGET_VARIABLE} is deprecated: it now sets {BUDGET_VARIABLE}, the bound on all '
-                          'of a deformable-attention chunk\'s (queries x keys) tensors, not on its bias alone; '
-                          f'set {BUDGET_VARIABLE} instead', FutureWarning, stacklevel=2)
     value = os.environ.get(name, '2048')
     try:
         megabytes = float(value)
