@@ -10,5 +10,5 @@ dat_paramwise_cfg = dict(custom_keys={
 
 # DAT v1 in detectors and segmentors: the stage-3 deformable blocks sample keys on a stride-2 grid, where the
 # ImageNet models use stride 1. Only this reproduces the paper's dense-prediction FLOPs with attention products
-# counted, the convention its ImageNet FLOPs follow; see "DAT v1 sampling stride" in the README.
+# counted, the convention its ImageNet FLOPs follow; see docs/v1_sampling_stride.md.
 dat_v1_deform_strides = (1, 1, 2, 1)
