@@ -4,7 +4,10 @@
     python tools/demo_figures.py seg CONFIG CHECKPOINT OUT.png   # ground truth beside prediction
 
 Detector: each panel shows the predicted boxes, masks and scores over the image, and where the last
-deformable block of the backbone sampled its keys for that image (dots, one colour per offset group).
+deformable block of the backbone sampled its keys for that image (dots, one colour per offset group). For a
+legible picture it draws detections from --score-thr and, of boxes that overlap (any class), the highest-scoring
+one only (--overlap). That filters the picture alone: the detector's own test settings, and so its metrics,
+stay as configured.
 """
 import argparse
 import sys
@@ -21,6 +24,23 @@ from dat_mm.visualization import (block_pixels, deformable_blocks, draw_sampling
 ZOOM = 3   # the tiny images are 128 px: drawn larger so that labels and dots stay readable
 
 
+def one_box_per_object(bboxes: torch.Tensor, scores: torch.Tensor, overlap: float) -> torch.Tensor:
+    """Indices of the boxes to draw, best score first: a box is left out when it covers more than ``overlap`` of
+    the smaller box's area in common with a higher-scoring box already kept, whatever the two classes. Unlike
+    the IoU of the detector's own NMS, the smaller box's area also catches a part box inside a whole one."""
+    kept = []
+    areas = (bboxes[:, 2] - bboxes[:, 0]).clamp(min=0) * (bboxes[:, 3] - bboxes[:, 1]).clamp(min=0)
+    for i in scores.argsort(descending=True).tolist():
+        for j in kept:
+            width = (torch.min(bboxes[i, 2], bboxes[j, 2]) - torch.max(bboxes[i, 0], bboxes[j, 0])).clamp(min=0)
+            height = (torch.min(bboxes[i, 3], bboxes[j, 3]) - torch.max(bboxes[i, 1], bboxes[j, 1])).clamp(min=0)
+            if width * height > overlap * torch.min(areas[i], areas[j]).clamp(min=1e-6):
+                break
+        else:
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.long)
+
+
 def val_images(cfg, count: int) -> list:
     dataset = cfg.test_dataloader.dataset
     prefix = dataset.data_prefix.get('img', dataset.data_prefix.get('img_path'))
@@ -28,7 +48,7 @@ def val_images(cfg, count: int) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix in ('.png', '.jpg'))[:count]
 
 
-def detector_panel(model, visualizer, path: Path, score_thr: float) -> np.ndarray:
+def detector_panel(model, visualizer, path: Path, score_thr: float, overlap: float) -> np.ndarray:
     from mmdet.apis import inference_detector
     inputs = []
     hook = model.backbone.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
@@ -44,6 +64,8 @@ def detector_panel(model, visualizer, path: Path, score_thr: float) -> np.ndarra
     image = cv2.imread(str(path))
     big = cv2.resize(image, None, fx=ZOOM, fy=ZOOM, interpolation=cv2.INTER_NEAREST)
     inst = result.pred_instances[result.pred_instances.scores >= score_thr]
+    if overlap < 1:
+        inst = inst[one_box_per_object(inst.bboxes, inst.scores, overlap)]
     inst.bboxes = inst.bboxes * ZOOM
     if 'masks' in inst:   # nearest-neighbour upscaling, which also keeps an empty (0, H, W) stack valid
         inst.masks = inst.masks.repeat_interleave(ZOOM, 1).repeat_interleave(ZOOM, 2)
@@ -103,6 +125,9 @@ def main() -> None:
     parser.add_argument('out', help='PNG to write')
     parser.add_argument('--images', type=int, default=4, help='val images to draw')
     parser.add_argument('--score-thr', type=float, default=0.5, help='detections drawn from this score')
+    parser.add_argument('--overlap', type=float, default=0.5,
+                        help='of two drawn boxes (any classes) sharing more than this fraction of the smaller '
+                             "one's area, only the higher-scoring one is drawn; 1 draws all")
     args = parser.parse_args()
 
     if args.task == 'det':
@@ -111,7 +136,8 @@ def main() -> None:
         model = init_detector(args.config, args.checkpoint, device='cpu', cfg_options={'model.backbone.init_cfg': None})
         visualizer = DetLocalVisualizer(name='demo_figures', line_width=2, alpha=0.5)
         visualizer.dataset_meta = model.dataset_meta
-        panels = [detector_panel(model, visualizer, p, args.score_thr) for p in val_images(model.cfg, args.images)]
+        panels = [detector_panel(model, visualizer, p, args.score_thr, args.overlap)
+                  for p in val_images(model.cfg, args.images)]
         columns = 2
     else:
         from mmseg.apis import init_model

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv if needed (tools/setup_env.sh), then runs the demo (tools/demo.py).
+# The demo: sets up .venv if needed (tools/setup_env.sh), then runs tools/demo.py.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/tools/setup_env.sh"
