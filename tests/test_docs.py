@@ -83,9 +83,14 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 
 def _tracked_code() -> list:
-    listed = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', 'dat_mm', 'tools', 'configs', 'tests',
-                             'setup.py', 'model-index.yml'], cwd=ROOT, capture_output=True, text=True).stdout
-    return [ROOT / name for name in listed.split()
+    """The code, configs and tools of the checkout (git's view: ignored build output left out), or of the folder
+    as it is where git is not there."""
+    folders = ['dat_mm', 'tools', 'configs', 'tests', 'setup.py', 'model-index.yml']
+    proc = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', *folders], cwd=ROOT, capture_output=True,
+                          text=True)
+    listed = proc.stdout.split() if proc.returncode == 0 else [
+        p.relative_to(ROOT).as_posix() for folder in folders for p in [ROOT / folder, *(ROOT / folder).rglob('*')]]
+    return [ROOT / name for name in listed
             if name.endswith(('.py', '.sh', '.yml', '.yaml', '.cfg', '.ini', '.cpp')) and (ROOT / name).is_file()
             and ROOT / name != Path(__file__).resolve()]   # this file's patterns and examples are no pointers
 
