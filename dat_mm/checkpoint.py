@@ -1,11 +1,18 @@
 """Checkpoint helpers: the authors' checkpoints into our backbone, and MMEngine checkpoints under torch >= 2.6."""
+import _compat_pickle
+import collections
+import os
+import pickle
 import re
+import types
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .compat import add_safe_globals
 
 # Buffers that are pure functions of the window size: checkpoints may carry them, we recompute them.
 RECOMPUTED_BUFFERS = ('relative_position_index', 'attn_mask')
@@ -29,17 +36,93 @@ def register_safe_globals() -> None:
     ``HistoryBuffer`` is also made to pickle without its statistic functions, which only ``getattr`` could
     restore. Checkpoints saved by a plain MMEngine run before this import still carry them.
     """
-    import numpy as np
     from mmengine.logging import HistoryBuffer
+    HistoryBuffer.__getstate__ = _history_buffer_state
+    if add_safe_globals is not None:   # torch < 2.4 has none, and before 2.6 does not need one
+        add_safe_globals([HistoryBuffer, *_numpy_globals().values()])
+
+
+def _numpy_globals() -> Dict[str, Any]:
+    """The numpy types and functions that rebuild arrays, scalars and dtypes, by the names pickles give them."""
+    import numpy as np
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    HistoryBuffer.__getstate__ = _history_buffer_state
     dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32,
                                                   np.int8, np.uint8, np.bool_)]
-    torch.serialization.add_safe_globals(
-        [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes])
+    found = {}
+    for value in (_reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes):
+        found[f'{value.__module__}.{value.__name__}'] = value
+        # numpy 1 pickles under numpy.core, numpy 2 under numpy._core; either file may meet either numpy.
+        for old, new in (('numpy._core', 'numpy.core'), ('numpy.core', 'numpy._core')):
+            if value.__module__.startswith(old + '.'):
+                found[new + value.__module__[len(old):] + '.' + value.__name__] = value
+    return found
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds a Python object that is not plain data; its name is in the message."""
+
+
+# What the checkpoints that users have hold besides tensors: the authors' ImageNet training pickles its yacs
+# config (a CfgNode, a dict subclass) and the optimizer's and scheduler's states; mmdet 2 / mmseg 0 keep mmcv 1's
+# meta (class names, palette, config text, hook messages, numpy scalars); MMEngine its message hub.
+# Config objects come back as OrderedDicts, so yacs need not be installed and no code of it runs.
+PLAIN_DATA_STAND_INS = {'yacs.config.CfgNode': OrderedDict}
+
+
+def _allowed_globals() -> Dict[str, Any]:
+    from mmengine.logging import HistoryBuffer
+    allowed = {
+        'collections.OrderedDict': OrderedDict, 'collections.defaultdict': collections.defaultdict,
+        'builtins.set': set, 'builtins.frozenset': frozenset, 'builtins.slice': slice, 'builtins.complex': complex,
+        '_codecs.encode': __import__('codecs').encode,   # how protocol 2 writes bytes (numpy scalars)
+        'torch.Size': torch.Size, 'torch.device': torch.device, 'torch.nn.parameter.Parameter': nn.Parameter,
+        'torch.serialization._get_layout': torch.serialization._get_layout,
+        'torch._tensor._rebuild_from_type_v2': torch._tensor._rebuild_from_type_v2,
+        'mmengine.logging.history_buffer.HistoryBuffer': HistoryBuffer,
+        **_numpy_globals(), **PLAIN_DATA_STAND_INS,
+    }
+    for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_parameter', '_rebuild_parameter_with_state',
+                 '_rebuild_meta_tensor_no_storage'):
+        if hasattr(torch._utils, name):
+            allowed[f'torch._utils.{name}'] = getattr(torch._utils, name)
+    for value in vars(torch).values():
+        if isinstance(value, torch.dtype):
+            allowed[str(value)] = value
+    return allowed
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds only the types above: a pickle reaches code through the globals it names and nothing else, so an
+    allow-list of harmless globals makes the whole file safe to read, on every torch version alike."""
+    allowed: Dict[str, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2, torch.save's, writes Python 2's names (__builtin__.set); pickle's own find_class maps them.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = self.allowed.get(f'{module}.{name}')
+        if found is None:
+            raise UnsafeCheckpointError(f'{module}.{name}')
+        return found
+
+
+def read_checkpoint(file: Union[str, os.PathLike, BinaryIO]) -> Any:
+    """``torch.load`` of a checkpoint file onto the CPU, reading tensors and plain data only.
+
+    Loads the checkpoints users have as their tools wrote them (see ``PLAIN_DATA_STAND_INS``); anything else
+    that a pickle would construct or call raises :class:`UnsafeCheckpointError` naming it, before any of it runs.
+    The same reader serves every torch from 2.1, whose own ``weights_only`` reader knows none of these types.
+    """
+    _PlainDataUnpickler.allowed = _PlainDataUnpickler.allowed or _allowed_globals()
+    restricted = types.ModuleType('dat_mm_plain_data_pickle')
+    restricted.Unpickler = _PlainDataUnpickler
+    restricted.load = lambda f, **kwargs: _PlainDataUnpickler(f, **kwargs).load()
+    restricted.UnpicklingError = pickle.UnpicklingError
+    # weights_only=False because this module is the restriction; torch refuses a pickle_module beside its own.
+    return torch.load(file, map_location='cpu', pickle_module=restricted, weights_only=False)
 
 
 def unwrap_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
@@ -125,8 +208,19 @@ def load_backbone_checkpoint(model: nn.Module, filename: str, prefix: Optional[s
     from mmengine.logging import print_log
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    if os.path.isfile(filename):
+        try:
+            checkpoint = read_checkpoint(filename)
+        except UnsafeCheckpointError as err:
+            raise ValueError(unsafe_message(filename, err)) from None
+    else:   # a URL or another storage backend of MMEngine's
+        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
     adapted = adapt_state_dict(model, unwrap_state_dict(checkpoint), prefix)
     result = model.load_state_dict(adapted, strict=False)
     print_log(f'Loaded {len(adapted)} tensors from {filename}; left at their initial values: '
               f'{_short(result.missing_keys) or "none"}', logger='current')
+
+
+def unsafe_message(filename: str, err: UnsafeCheckpointError) -> str:
+    return (f'{filename} holds a Python object that is not plain data ({err}); refusing to unpickle it. '
+            'Re-save its state dict alone from a trusted process: torch.save(torch.load(FILE)["model"], OUT)')

@@ -3,9 +3,10 @@ import re
 
 __version__ = '0.1.0'
 
-# torch.library.register_fake (the CPU kernels' shapes for torch.compile) and torch.serialization.add_safe_globals
-# (MMEngine checkpoints under weights_only loading) first came in torch 2.4. setup.py declares the same floor.
-TORCH_MINIMUM = (2, 4)
+# The model needs scaled_dot_product_attention's scale argument, new in torch 2.1, the newest torch that
+# OpenMMLab's prebuilt mmcv 2.1 wheels cover. Newer features are optional (dat_mm/compat.py). setup.py declares
+# the same floor.
+TORCH_MINIMUM = (2, 1)
 
 
 def check_torch(version: str) -> None:

@@ -1,11 +1,17 @@
 """Loading the authors' checkpoints through init_cfg=dict(type='Pretrained', ...)."""
 import json
+import subprocess
+import sys
+from collections import OrderedDict
 
 import pytest
 import torch
 
 from dat_mm import DAT
 from golden import arch_from_authors_kwargs, load_bundle, rel_err, stage_outputs
+
+# Also run on the torch 2.1 stack (tools/run_tests.sh).
+pytestmark = pytest.mark.compat
 
 
 def _pretrained(name: str, checkpoint, tmp_path, **kwargs) -> DAT:
@@ -67,3 +73,111 @@ def test_bias_tables_are_resized_for_another_pretraining_size(tmp_path):
     for idx in [(0, 0), (-1, -1), (27, 27)]:
         src_idx = tuple(13 if i == 27 else i for i in idx)
         assert torch.allclose(table[:, idx[0], idx[1]], source[:, src_idx[0], src_idx[1]], atol=1e-5)
+
+
+class _Shell:
+    """Runs ``command`` when unpickled: what a safe reader must never build."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def _authors_imagenet_checkpoint(path, state_dict, monkeypatch) -> None:
+    """Saves ``state_dict`` as the authors' ImageNet training does: model, optimizer and scheduler states, the
+    best accuracy, the epoch, and the run's yacs config, a ``yacs.config.CfgNode`` (a dict subclass whose
+    ``__dict__`` holds a set), pickled with NEWOBJ, BUILD and SETITEMS. yacs itself is not installed: a module of
+    that name stands in while the file is written, and is gone when it is read."""
+    import sys
+    import types
+
+    class CfgNode(dict):
+        def __init__(self, init=None, new_allowed=False):
+            super().__init__(init or {})
+            self.__dict__.update({'__immutable__': True, '__deprecated_keys__': set(), '__renamed_keys__': {},
+                                  '__new_allowed__': new_allowed})
+
+    CfgNode.__module__, CfgNode.__qualname__ = 'yacs.config', 'CfgNode'
+    module = types.ModuleType('yacs.config')
+    module.CfgNode = CfgNode
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, 'yacs', types.ModuleType('yacs'))
+        patch.setitem(sys.modules, 'yacs.config', module)
+        config = CfgNode({'MODEL': CfgNode({'TYPE': 'dat', 'DROP_PATH_RATE': 0.2}),
+                          'TRAIN': CfgNode({'EPOCHS': 300, 'BASE_LR': 1e-3})})
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([weight])
+        weight.sum().backward()
+        optimizer.step()
+        torch.save({'model': state_dict, 'optimizer': optimizer.state_dict(),
+                    'lr_scheduler': {'t_initial': 300, 'base_values': [1e-3]}, 'max_accuracy': 83.9,
+                    'epoch': 299, 'config': config}, path)
+    assert 'yacs' not in sys.modules
+
+
+def _authors_mmdet2_checkpoint(path, state_dict) -> None:
+    """Saves a detector as mmdet 2 (mmcv 1's runner) does: meta with class names, palette, the config's text, hook
+    messages and numpy scalars, beside the weights under 'backbone.' and an optimizer state."""
+    import numpy as np
+    weights = {**{f'backbone.{k}': v for k, v in state_dict.items()}, 'neck.conv.weight': torch.zeros(1)}
+    meta = dict(mmcv_version='1.7.1', time='Mon Jan  9 12:00:00 2023', CLASSES=('person', 'bicycle'),
+                PALETTE=[(220, 20, 60), (119, 11, 32)], config="model = dict(type='MaskRCNN')", seed=np.int64(0),
+                epoch=36, iter=263_000, hook_msgs=dict(last_ckpt='epoch_36.pth', best_score=np.float64(0.507)))
+    torch.save({'meta': meta, 'state_dict': weights, 'optimizer': {'state': {}, 'param_groups': []}}, path)
+
+
+def test_the_authors_imagenet_checkpoint_loads_as_their_training_saved_it(tmp_path, monkeypatch):
+    from dat_mm.checkpoint import read_checkpoint
+    bundle = load_bundle('pp')
+    path = tmp_path / 'dat_pp_mini.pth'
+    _authors_imagenet_checkpoint(path, bundle['state_dict'], monkeypatch)
+    config = read_checkpoint(path)['config']
+    assert type(config) is OrderedDict and config['MODEL']['DROP_PATH_RATE'] == 0.2
+    # Through init_cfg, as a config loads it: the golden outputs come back.
+    arch = arch_from_authors_kwargs(json.loads(bundle['kwargs']))
+    model = DAT(arch=arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    case = bundle['cases']['224x224_b2']
+    with torch.no_grad():
+        outs = stage_outputs(model.eval(), case['input'].float())
+    assert max(rel_err(o, r) for o, r in zip(outs, case['stage_outputs'])) < 1e-5
+
+
+@pytest.mark.parametrize('kind', ['imagenet', 'mmdet2'])
+def test_the_converter_takes_the_authors_checkpoints_as_saved(kind, tmp_path, monkeypatch):
+    from commands import ROOT, tool_env
+    bundle = load_bundle('pp')
+    src = tmp_path / 'authors.pth'
+    if kind == 'imagenet':
+        _authors_imagenet_checkpoint(src, bundle['state_dict'], monkeypatch)
+    else:
+        _authors_mmdet2_checkpoint(src, bundle['state_dict'])
+    arch = json.dumps(arch_from_authors_kwargs(json.loads(bundle['kwargs'])))
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools/convert_checkpoint.py'), str(src),
+                           str(tmp_path / 'out.pth'), '--arch', arch], capture_output=True, text=True, env=tool_env())
+    assert proc.returncode == 0, proc.stderr
+    saved = torch.load(tmp_path / 'out.pth', weights_only=True)['state_dict']
+    prefix = 'backbone.' if kind == 'mmdet2' else ''
+    assert torch.equal(saved[f'{prefix}stages.2.attns.1.rpe_table'], bundle['state_dict']['stages.2.attns.1.rpe_table'])
+
+
+def test_a_checkpoint_holding_any_other_object_is_refused_before_it_runs(tmp_path):
+    from commands import ROOT, tool_env
+    marker = tmp_path / 'ran'
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': load_bundle('pp')['state_dict'], 'args': _Shell(f'touch {marker}')}, path)
+    # Through init_cfg: the project's message, naming the object, and not torch's advice to turn safety off.
+    arch = arch_from_authors_kwargs(json.loads(load_bundle('pp')['kwargs']))
+    model = DAT(arch=arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r'holds a Python object that is not plain data \(posix\.system\)') as err:
+        model.init_weights()
+    assert 'weights_only' not in str(err.value)
+    # Through the converter.
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools/convert_checkpoint.py'), str(path),
+                           str(tmp_path / 'out.pth'), '--arch', json.dumps(arch)], capture_output=True, text=True,
+                          env=tool_env())
+    assert proc.returncode != 0 and 'refusing to unpickle' in proc.stderr and 'posix.system' in proc.stderr
+    assert not marker.exists() and not (tmp_path / 'out.pth').exists()

@@ -8,6 +8,9 @@ import torch
 from dat_mm import DAT
 from golden import GOLDEN_DIR, golden_model, load_bundle, loss_weights, rel_err, stage_outputs
 
+# Also run on the torch 2.1 stack (tools/run_tests.sh).
+pytestmark = pytest.mark.compat
+
 CASES = [('v1', '224x224_b2'), ('v1', '224x224_b1_grads'), ('pp', '224x224_b2'), ('pp', '224x224_b1_grads'),
          ('pp', '200x328_b1'), ('pp', '96x96_b1')]
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}

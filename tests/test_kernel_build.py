@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from commands import ROOT, free_port, tool_env
 
 # A DAT++ deformable layer on CPU under the cpu plan, which reads its bias through the kernels.
@@ -23,6 +25,7 @@ def _env(extensions) -> dict:
     return tool_env(TORCH_EXTENSIONS_DIR=str(extensions), DAT_MM_ATTENTION_PLAN='cpu')
 
 
+@pytest.mark.compat
 def test_a_run_killed_while_building_leaves_the_next_run_to_build_and_finish(tmp_path):
     script = tmp_path / 'run.py'
     script.write_text(RUN)

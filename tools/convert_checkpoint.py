@@ -7,7 +7,8 @@
 
 Every backbone key is checked against the arch, and with --config every other key against the model the
 config builds; anything unknown, missing or mis-shaped stops the conversion with the keys named. Files are
-read with ``torch.load(weights_only=True)``: nothing in them is executed.
+read as tensors and plain data (``dat_mm.checkpoint.read_checkpoint``): the authors' yacs configs come back as
+dicts, and a file that holds any other object is refused before any of it runs.
 
     python tools/convert_checkpoint.py dat_pp_tiny_in1k_224.pth checkpoints/dat_pp_tiny_in1k_224.pth --arch tiny++
     python tools/convert_checkpoint.py authors_mask_rcnn.pth out.pth --arch tiny++ \
@@ -15,7 +16,6 @@ read with ``torch.load(weights_only=True)``: nothing in them is executed.
 """
 import argparse
 import json
-import pickle
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -25,17 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dat_mm import DAT  # noqa: E402
+from dat_mm import checkpoint  # noqa: E402
 from dat_mm.checkpoint import RECOMPUTED_BUFFERS, adapt_state_dict, unwrap_state_dict  # noqa: E402
 
 
 def read_checkpoint(path: str) -> dict:
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        names = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)   # torch >= 2.6
-        unsafe = f' ({", ".join(names(path))})' if names else ''
-        raise SystemExit(f'{path} holds Python objects beyond tensors and plain data{unsafe}; refusing to '
-                         'unpickle them. Re-save its state dict alone from a trusted process.')
+        return checkpoint.read_checkpoint(path)
+    except checkpoint.UnsafeCheckpointError as err:
+        raise SystemExit(checkpoint.unsafe_message(path, err))
 
 
 def _check_against_config(state: dict, config: str) -> None:

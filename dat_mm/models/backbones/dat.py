@@ -14,6 +14,7 @@ from mmengine.model.weight_init import constant_init, initialize, trunc_normal_i
 from torch import nn
 
 from ...checkpoint import load_backbone_checkpoint
+from ...compat import is_compiling
 from ...registry import MODELS
 from ..layers import (ConvFFN, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
@@ -316,6 +317,6 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad_h, pad_w = (-x.shape[2]) % multiple, (-x.shape[3]) % multiple
     # Traced (ONNX: the sizes are tensors) and compiled code pads always, so that no branch fixes the size;
     # eager code skips the copy where there is nothing to pad.
-    if isinstance(pad_h, torch.Tensor) or torch.compiler.is_compiling() or pad_h or pad_w:
+    if isinstance(pad_h, torch.Tensor) or is_compiling() or pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...compat import is_compiling
 from . import deformable_bias
 from .attention_backward import DenseBias, attention_backward
 from .norm import LayerNorm2d
@@ -356,7 +357,7 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, lookup, groups: int, coord_dtype: 
         heads // groups, coord_dtype.itemsize, q.dtype.itemsize, backward)
     count = max(1, -(-per_query * queries // attention_budget_bytes()))
     # Compiled code chunks by the budget alone: a chunk count that follows the map size would fix the size.
-    if plan == 'cpu' and not torch.compiler.is_compiling():
+    if plan == 'cpu' and not is_compiling():
         count = max(count, -(-queries // max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[2]))))
     step = -(-queries // count)
     # The bounds are expressions of the query count and only the number of chunks is a Python int: a graph

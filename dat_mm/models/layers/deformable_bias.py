@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from mmengine.logging import print_log
 
+from ...compat import is_compiling, register_fake
+
 SOURCE = Path(__file__).with_name('deformable_bias.cpp')
 CFLAGS = ['-O3', '-march=native', '-fno-trapping-math', '-fopenmp']
 BUILD_WAIT_SECONDS = 600
@@ -92,10 +94,11 @@ def _build_and_load(path: Path) -> None:
         print_log(f'dat_mm: compiling the deformable-attention CPU kernels into {path.parent} (once per machine, '
                   'about a minute)', logger='current')
         start = time.monotonic()
-        built = cpp_extension.load(path.stem, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=['-fopenmp'],
-                                   build_directory=str(work), is_python_module=False)   # also loads it
+        # Also loads it. Where the library lands is read from the folder: torch 2.1 returns None here.
+        cpp_extension.load(path.stem, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=['-fopenmp'],
+                           build_directory=str(work), is_python_module=False)
         path.parent.mkdir(exist_ok=True)
-        os.replace(built, path)
+        os.replace(work / path.name, path)
         shutil.rmtree(work, ignore_errors=True)
         print_log(f'dat_mm: built the deformable-attention CPU kernels in {time.monotonic() - start:.0f} s',
                   logger='current')
@@ -103,11 +106,17 @@ def _build_and_load(path: Path) -> None:
 
 def _register_fake_kernels() -> None:
     """Output shapes for torch.compile's tracing, which runs no kernel."""
-    @torch.library.register_fake('dat_mm::deformable_bias_out')
+    if register_fake is None:
+        print_log(f'dat_mm: torch {torch.__version__} cannot trace the deformable-attention CPU kernels '
+                  '(torch.library.register_fake, torch >= 2.4): compiled code looks the bias up with grid_sample, '
+                  'eager code with the kernels', logger='current')
+        return
+
+    @register_fake('dat_mm::deformable_bias_out')
     def _bias_out(table, qx, qy, kx, ky, out):
         return None
 
-    @torch.library.register_fake('dat_mm::deformable_biased_softmax_backward_')
+    @register_fake('dat_mm::deformable_biased_softmax_backward_')
     def _biased_softmax_backward(table, qx, qy, kx, ky, scale, scores, delta, grad):
         return table.new_empty(table.shape), kx.new_empty(kx.shape[0], 2, kx.shape[1])
 
@@ -136,11 +145,13 @@ _available: Optional[bool] = None
 def available() -> bool:
     """Whether the operators can be called: loads them on the first call, building them first where this
     machine has no build. Under torch.compile it only reports what an eager call found, so that loading and
-    building stay outside the traced code."""
+    building stay outside the traced code, and only where this torch can trace them."""
     global _available
-    if _available is None and not torch.compiler.is_compiling():
+    if is_compiling():
+        return bool(_available) and register_fake is not None
+    if _available is None:
         _available = _load()
-    return bool(_available)
+    return _available
 
 
 def main() -> None:

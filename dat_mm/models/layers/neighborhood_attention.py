@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...compat import is_compiling
 from .attention_backward import attention_backward
 from .plan import attention_plan, size_cached
 
@@ -171,7 +172,7 @@ class NeighborhoodAttention(nn.Module):
         heads, t = self.num_heads, self.tile
         n_ty, n_tx = _ceil_div(hp, t), _ceil_div(wp, t)
         # A trace (ONNX export) and a compiled graph take the device plan's, whose ops do not depend on the map size.
-        if attention_plan(qkv.device) == 'cpu' and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if attention_plan(qkv.device) == 'cpu' and not (torch.jit.is_tracing() or is_compiling()):
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
             # Per kind of tile row: (Ky, Tx, heads, t*t, R).
             bias = self._tile_bias(tiles['by_kind'], tiles['bx_kind']).permute(1, 2, 0, 3, 4).index_select(

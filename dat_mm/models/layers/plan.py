@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from ...compat import is_compiling
+
 PLAN_VARIABLE = 'DAT_MM_ATTENTION_PLAN'
 BUDGET_VARIABLE = 'DAT_MM_ATTENTION_BUDGET_MB'
 PLANS = ('cpu', 'device')
@@ -62,7 +64,7 @@ def size_cached(build: Callable, *key):
     cost no ops and no host work on later calls. Under ``torch.compile`` the build is traced instead: the
     compiler folds it into the graph, whose shapes are fixed anyway; under an ONNX export's trace too, where
     the sizes are traced values that keep the graph's input size dynamic."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if is_compiling() or torch.jit.is_tracing():
         return build(*key)
     full_key = (build, *key)
     if full_key in _CACHE:
