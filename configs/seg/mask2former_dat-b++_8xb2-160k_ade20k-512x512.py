@@ -1,0 +1,6 @@
+_base_ = './mask2former_dat-t++_8xb2-160k_ade20k-512x512.py'
+
+model = dict(
+    backbone=dict(arch='base++', drop_path_rate=0.7,
+                  init_cfg=dict(checkpoint='checkpoints/dat_pp_base_in1k_224.pth')),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]))
