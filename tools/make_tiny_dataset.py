@@ -1,7 +1,9 @@
-"""Writes a small synthetic dataset in COCO instance format and in ADE20K semantic format.
+"""Writes a small synthetic dataset in COCO instance, COCO panoptic and ADE20K semantic formats.
 
 Scenes of squares, circles and triangles (each class with its own hue, jittered) on a noisy background:
 learnable in minutes on a CPU, with real boxes, polygon masks and label maps. Deterministic for a seed.
+The panoptic annotations hold the same objects as the instance ones (things) and the background as one
+stuff segment; pixels of an object too small for a polygon are void.
 
     python tools/make_tiny_dataset.py data/tiny            # -> data/tiny/coco, data/tiny/ade
 """
@@ -19,6 +21,15 @@ HUES = {'square': (200, 60, 50), 'circle': (50, 180, 60), 'triangle': (60, 80, 2
 AREA_SCALE = {'square': (np.pi / 4) ** 0.5, 'circle': 1.0, 'triangle': (np.pi / (3 * 3 ** 0.5 / 4)) ** 0.5}
 # ADE20K convention: 0 is 'other' and is ignored (reduce_zero_label), so labels start at 1.
 ADE_CLASSES = ('background',) + CLASSES
+# COCO panoptic: the shapes are things, the background is stuff (category id 4); segment id 0 is void.
+STUFF_CLASSES = ('background',)
+BACKGROUND_SEGMENT = 255   # segment ids of things count from 1; an image holds at most 5 objects
+
+
+def _panoptic_png(segments: np.ndarray) -> np.ndarray:
+    """Segment ids (H, W) -> the BGR image cv2 writes for COCO panoptic's RGB encoding, id = R + 256 G + 256^2 B."""
+    rgb = [(segments >> shift) & 255 for shift in (0, 8, 16)]
+    return np.stack(rgb[::-1], axis=-1).astype(np.uint8)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, rng: np.random.Generator) -> np.ndarray:
@@ -60,9 +71,10 @@ def write_dataset(root: Path, seed: int = 0, train: int = 48, val: int = 16, siz
     coco_root, ade_root = root / 'coco', root / 'ade'
     for split, count in (('train', train), ('val', val)):
         ade_split = 'training' if split == 'train' else 'validation'
-        for d in (coco_root / split, ade_root / 'images' / ade_split, ade_root / 'annotations' / ade_split):
+        for d in (coco_root / split, coco_root / f'panoptic_{split}', ade_root / 'images' / ade_split,
+                  ade_root / 'annotations' / ade_split):
             d.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
+        images, annotations, panoptic = [], [], []
         for i in range(count):
             image, objects, labels = make_scene(rng, size)
             name = f'{split}_{i:04d}'
@@ -71,6 +83,9 @@ def write_dataset(root: Path, seed: int = 0, train: int = 48, val: int = 16, siz
             cv2.imwrite(str(ade_root / 'images' / ade_split / f'{name}.jpg'), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(str(ade_root / 'annotations' / ade_split / f'{name}.png'), labels)
             images.append(dict(id=i, file_name=f'{name}.png', height=size, width=size))
+            segments = np.zeros((size, size), np.int64)
+            segments[labels == 1] = BACKGROUND_SEGMENT
+            segments_info = []
             for cls, _, mask in objects:
                 contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
                 polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
@@ -78,12 +93,29 @@ def write_dataset(root: Path, seed: int = 0, train: int = 48, val: int = 16, siz
                     continue
                 ys, xs = np.nonzero(mask)
                 x0, y0 = float(xs.min()), float(ys.min())
+                bbox = [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]
                 annotations.append(dict(
                     id=len(annotations) + 1, image_id=i, category_id=cls + 1, iscrowd=0, area=float(mask.sum()),
-                    bbox=[x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0], segmentation=polygons))
+                    bbox=bbox, segmentation=polygons))
+                segments[mask == 1] = len(segments_info) + 1
+                segments_info.append(dict(id=len(segments_info) + 1, category_id=cls + 1, iscrowd=0,
+                                          area=int(mask.sum()), bbox=bbox))
+            ys, xs = np.nonzero(segments == BACKGROUND_SEGMENT)
+            if len(ys):
+                x0, y0 = float(xs.min()), float(ys.min())
+                segments_info.append(dict(
+                    id=BACKGROUND_SEGMENT, category_id=len(CLASSES) + 1, iscrowd=0, area=len(ys),
+                    bbox=[x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]))
+            cv2.imwrite(str(coco_root / f'panoptic_{split}' / f'{name}.png'), _panoptic_png(segments))
+            panoptic.append(dict(image_id=i, file_name=f'{name}.png', segments_info=segments_info))
         categories = [dict(id=i + 1, name=n) for i, n in enumerate(CLASSES)]
         (coco_root / f'{split}.json').write_text(
             json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+        panoptic_categories = [dict(id=i + 1, name=n, supercategory='shape', isthing=1) for i, n in enumerate(CLASSES)]
+        panoptic_categories += [dict(id=len(CLASSES) + i + 1, name=n, supercategory='stuff', isthing=0)
+                                for i, n in enumerate(STUFF_CLASSES)]
+        (coco_root / f'panoptic_{split}.json').write_text(
+            json.dumps(dict(images=images, annotations=panoptic, categories=panoptic_categories)))
 
 
 def main() -> None:
@@ -95,7 +127,8 @@ def main() -> None:
     parser.add_argument('--size', type=int, default=128, help='image side in pixels')
     args = parser.parse_args()
     write_dataset(Path(args.root), args.seed, args.train, args.val, args.size)
-    print(f'Wrote {args.train} + {args.val} images to {args.root}/coco (COCO instances) and {args.root}/ade (ADE20K)')
+    print(f'Wrote {args.train} + {args.val} images to {args.root}/coco (COCO instances; panoptic_*.json and '
+          f'panoptic_*/ for COCO panoptic) and {args.root}/ade (ADE20K)')
 
 
 if __name__ == '__main__':

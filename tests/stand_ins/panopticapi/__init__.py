@@ -1,0 +1,1 @@
+"""Test stand-in for the COCO panoptic API (see tests/stand_ins/README.md)."""
