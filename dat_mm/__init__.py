@@ -20,6 +20,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API
 
 from .checkpoint import register_safe_globals  # noqa: E402
 from .models import DAT  # noqa: E402
+from .optim import dat_custom_keys  # noqa: E402,F401  (DAT's weight-decay rule for paramwise_cfg.custom_keys)
 from .registry import MODELS  # noqa: E402
 from .runner import EagerOptimizerStepHook  # noqa: E402  (registered for mmdet's and mmseg's own train tools)
 
