@@ -8,6 +8,7 @@ from torch import nn
 import dat_mm  # noqa: F401  (registers the safe globals under test)
 
 
+@pytest.mark.compat
 def test_mmcv_nms_suppresses_the_overlapping_box():
     from mmcv.ops import nms
     boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.], [50., 50., 60., 60.]])
@@ -17,6 +18,7 @@ def test_mmcv_nms_suppresses_the_overlapping_box():
     assert torch.allclose(dets[:, 4], torch.tensor([0.9, 0.7]))
 
 
+@pytest.mark.compat
 def test_mmcv_roi_align_averages_bilinear_samples():
     from mmcv.ops import RoIAlign
     feature = torch.arange(8.).repeat(1, 1, 8, 1)          # f(y, x) = x
@@ -26,6 +28,7 @@ def test_mmcv_roi_align_averages_bilinear_samples():
     assert torch.allclose(out, torch.tensor([[[[0.5, 2.5], [0.5, 2.5]]]]))
 
 
+@pytest.mark.compat
 def test_mmdet_and_mmseg_compute_known_values():
     from mmdet.structures.bbox import bbox_overlaps
     from mmseg.evaluation.metrics import IoUMetric
@@ -72,6 +75,7 @@ def _toy_runner(work_dir, max_iters, resume):
         resume=resume, log_level='WARNING')
 
 
+@pytest.mark.compat
 def test_runner_resumes_from_its_own_checkpoint(tmp_path):
     first = _toy_runner(tmp_path, 2, resume=False)
     first.train()

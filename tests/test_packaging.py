@@ -146,6 +146,7 @@ def test_mim_search_lists_every_model(site, tmp_path):
     assert listed == set(CONFIGS), sorted(set(CONFIGS) ^ listed)
 
 
+@pytest.mark.compat
 def test_mim_train_and_test_by_config_name_from_the_wheel(site, tmp_path):
     mim = site / 'dat_mm' / '.mim'
     run_tool([mim / 'tools' / 'make_tiny_dataset.py', 'data/tiny', '--train', '4', '--val', '2'], tmp_path)

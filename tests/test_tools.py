@@ -43,6 +43,7 @@ def _drawings_match_images(drawings: list, images: list) -> None:
         assert drawn.shape == (h, 2 * w, 3) and drawn.any(), drawing
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize('config,metric,val_images', [
     ('configs/det/demo/mask-rcnn_dat-mini_fpn_tiny-coco.py', 'coco/bbox_mAP', 'coco/val'),
     ('configs/seg/demo/upernet_dat-mini_tiny-ade.py', 'mIoU', 'ade/images/validation')], ids=['detector', 'segmentor'])
@@ -131,6 +132,7 @@ def _authors_checkpoints(tmp_path):
     return bundle, imagenet, detector
 
 
+@pytest.mark.compat
 def test_converter_round_trips_to_identical_backbone_outputs(tmp_path):
     from convert_checkpoint import convert
     bundle, imagenet, detector = _authors_checkpoints(tmp_path)
@@ -157,6 +159,7 @@ def test_converter_round_trips_to_identical_backbone_outputs(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(outs, expected))
 
 
+@pytest.mark.compat
 def test_converter_refuses_unknown_keys(tmp_path):
     bundle = load_bundle('v1')
     bad = tmp_path / 'bad.pth'
@@ -168,6 +171,7 @@ def test_converter_refuses_unknown_keys(tmp_path):
     assert not (tmp_path / 'out.pth').exists()
 
 
+@pytest.mark.compat
 def test_converter_refuses_pickled_objects(tmp_path):
     from convert_checkpoint import read_checkpoint
     path = tmp_path / 'objects.pth'
