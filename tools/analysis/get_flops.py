@@ -2,6 +2,9 @@
 
 FLOPs are multiply-adds counted by MMEngine's FlopAnalyzer (the fvcore convention the papers use), attention
 matrix products included; detection at 1280x800, segmentation at 512x2048, ImageNet backbones at 224.
+DINO and Mask2Former are counted whole in 'tensor' mode: backbone, neck or pixel decoder, transformer and the
+heads of every decoder layer (Mask2Former predicts masks at each), the deformable sampling of their
+MultiScaleDeformableAttention as MMEngine counts grid_sample (4 per sampled value); no post-processing.
 
     python tools/analysis/get_flops.py                     # the checks the issues name, then the ImageNet rows
     python tools/analysis/get_flops.py --all               # every config
@@ -58,6 +61,10 @@ class _TensorMode(nn.Module):
         self.data_samples = data_samples
 
     def forward(self, x: torch.Tensor):
+        head = getattr(self.model, 'decode_head', None)
+        if head is not None and hasattr(head, 'pixel_decoder'):
+            # mmseg's Mask2Former head needs the data samples, which EncoderDecoder's 'tensor' mode does not pass.
+            return head.forward(self.model.extract_feat(x), self.data_samples)
         return self.model(x, self.data_samples, mode='tensor')
 
 
