@@ -7,16 +7,25 @@
 # the visible GPU's compute capability, or DAT_MM_DEFAULT_CUDA_ARCHS (V100 to H100) when none is visible.
 # DAT_MM_SETUP_DRY_RUN=1 prints the mmcv build it would run and stops; DAT_MM_ASSUME_CUDA=<version>
 # pretends torch is a CUDA build of that version (both only for checking this script on a CPU machine).
+#
+# DAT_MM_STACK picks the stack: 'current' (default; torch 2.13 in .venv) or 'torch2.1' (in .venv-torch2.1), the
+# stack most mmdet 3 users have: torch 2.1.2 with numpy < 2, and the same mmcv, mmengine, mmdet and mmseg. Its
+# mmcv ops are compiled for the CPU where no GPU is visible (PyPI's torch 2.1.2 is a CUDA 12.1 build, and a
+# machine's nvcc of another CUDA version cannot build against it); the tests run there are marked 'compat'.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${DAT_MM_VENV:-$ROOT/.venv}
+STACK=${DAT_MM_STACK:-current}
 PY=${PYTHON:-python3.11}
 WHEEL_CACHE=${DAT_MM_WHEEL_CACHE:-$HOME/.cache/dat_mm/wheels}
 DRY_RUN=${DAT_MM_SETUP_DRY_RUN:-0}
 DEFAULT_CUDA_ARCHS=${DAT_MM_DEFAULT_CUDA_ARCHS:-7.0;7.5;8.0;8.6;8.9;9.0}
-TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
+case "$STACK" in
+  current) TORCH_VERSION=2.13.0; VENV=${DAT_MM_VENV:-$ROOT/.venv}; NUMPY='numpy'; CPU_OPS=0 ;;
+  torch2.1) TORCH_VERSION=2.1.2; VENV=${DAT_MM_VENV:-$ROOT/.venv-torch2.1}; NUMPY='numpy<2'; CPU_OPS=1 ;;
+  *) echo "[setup] DAT_MM_STACK=$STACK: expected 'current' or 'torch2.1'" >&2; exit 2 ;;
+esac
 
 t0=$SECONDS
 log() { echo "[setup +$((SECONDS - t0))s] $*"; }
@@ -31,7 +40,7 @@ build_kernels() {
   fi
 }
 
-stamp_of() { cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py" | sha256sum | cut -c1-16; }
+stamp_of() { { echo "$STACK"; cat "$ROOT/tools/setup_env.sh" "$ROOT/setup.py"; } | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
 if [ "$DRY_RUN" != 1 ] && [ -f "$VENV/.dat_mm_stamp" ] && [ "$(cat "$VENV/.dat_mm_stamp")" = "$STAMP" ] \
    && "$VENV/bin/python" -c "import dat_mm, mmcv.ops, mmdet, mmseg; dat_mm.DAT" 2>/dev/null; then
@@ -39,13 +48,17 @@ if [ "$DRY_RUN" != 1 ] && [ -f "$VENV/.dat_mm_stamp" ] && [ "$(cat "$VENV/.dat_m
   echo "[setup] $VENV is up to date"
   exit 0
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# Every install below keeps torch and numpy where the stack pins them: mmdet's or mmseg's requirements
+# would otherwise be free to replace either.
+CONSTRAINTS="$VENV/dat_mm-constraints.txt"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS")
 
 if [ "$DRY_RUN" != 1 ]; then
   [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+  printf 'torch==%s\n%s\n' "$TORCH_VERSION" "$NUMPY" > "$CONSTRAINTS"
   # torch first: anything that depends on torch would otherwise pull the newest CUDA build.
   log "torch==$TORCH_VERSION"
-  "${PIP[@]}" "torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION" "$NUMPY"
   # mmcv 2.1.0's setup.py imports pkg_resources, gone from setuptools >= 81.
   "${PIP[@]}" "setuptools>=77,<81" ninja wheel "mmengine==0.10.7"
 fi
@@ -56,7 +69,11 @@ TORCH_TAG=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace
 TORCH_CUDA=${DAT_MM_ASSUME_CUDA:-$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")}
 BUILD_ENV=(MMCV_WITH_OPS=1 "MAX_JOBS=${MAX_JOBS:-$(nproc)}")
 MMCV_DIR="$WHEEL_CACHE/mmcv-$MMCV_VERSION-torch$TORCH_TAG"
-if [ -n "$TORCH_CUDA" ]; then
+GPU_VISIBLE=$("$VENV/bin/python" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$CPU_OPS" = 1 ] && [ "$GPU_VISIBLE" = 0 ]; then
+  log "no GPU visible: mmcv's ops are compiled for the CPU only"
+  MMCV_DIR="$MMCV_DIR-cpu-ops"
+elif [ -n "$TORCH_CUDA" ]; then
   # torch's own search order would take /usr/local for an nvcc wrapper script in /usr/local/bin.
   CUDA_ROOT=${CUDA_HOME:-}
   if [ -z "$CUDA_ROOT" ]; then
@@ -113,8 +130,8 @@ log "mmcv from $MMCV_DIR"
 log "mmdet, mmsegmentation, dat_mm"
 # mmsegmentation 1.2.2 imports ftfy and regex without declaring them.
 "${PIP[@]}" "mmdet==3.3.0" "mmsegmentation==1.2.2" ftfy regex pycocotools matplotlib pytest
-# The deploy extra (tools/export_onnx.py and its test).
-"${PIP[@]}" "onnx==1.23.2" "onnxruntime==1.32.0"
+# The deploy extra (tools/export_onnx.py and its test), tested on the current stack only.
+if [ "$STACK" = current ]; then "${PIP[@]}" "onnx==1.23.2" "onnxruntime==1.32.0"; fi
 # openmim for `mim train`, after the dependencies it uses. Its opendatalab dependency pins setuptools 60
 # (below torch's >= 77) and only serves `mim download`, so it is left out, and pip is told not to report it
 # missing; conflicts elsewhere are still reported by the installs above.

@@ -46,12 +46,14 @@ def library_path() -> Path:
     """This machine's build: named after the source, the compiler flags, torch, Python and the CPU's
     features (-march=native), so that a home folder shared by several machines or environments never hands
     one of them another's library."""
-    from torch.utils.cpp_extension import get_default_build_root
     key = hashlib.sha1()
     for part in (SOURCE.read_bytes(), ' '.join(CFLAGS), torch.__version__, sys.version, _cpu_flags()):
         key.update(part if isinstance(part, bytes) else part.encode())
     name = f'dat_mm_deformable_bias_{key.hexdigest()[:12]}'
-    root = Path(os.environ.get('TORCH_EXTENSIONS_DIR') or get_default_build_root())
+    # torch's own default, found without importing torch.utils.cpp_extension: a CUDA build of torch on a machine
+    # without a GPU prints a line about CUDA_HOME at that import, which every run that only loads would repeat.
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    root = Path(os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(cache, 'torch_extensions'))
     return root / name / f'{name}.so'
 
 
