@@ -124,8 +124,8 @@ def main() -> None:
     parser.add_argument('checkpoint')
     parser.add_argument('out', help='PNG to write')
     parser.add_argument('--images', type=int, default=4, help='val images to draw')
-    parser.add_argument('--score-thr', type=float, default=0.5, help='detections drawn from this score')
-    parser.add_argument('--overlap', type=float, default=0.5,
+    parser.add_argument('--score-thr', type=float, default=0.8, help='detections drawn from this score')
+    parser.add_argument('--overlap', type=float, default=0.3,
                         help='of two drawn boxes (any classes) sharing more than this fraction of the smaller '
                              "one's area, only the higher-scoring one is drawn; 1 draws all")
     args = parser.parse_args()
