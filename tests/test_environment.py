@@ -110,12 +110,13 @@ def _setup_dry_run(**env):
 
 
 def test_setup_builds_mmcv_cuda_ops_with_a_cuda_torch(tmp_path):
-    """The set-up's CUDA branch, on a CPU machine: a CUDA torch is assumed and nvcc is a stand-in."""
+    """The set-up's CUDA branch, on a CPU machine: a CUDA torch is assumed, FORCE_CUDA stands for the GPU this
+    machine does not have, and nvcc is a stand-in."""
     nvcc = tmp_path / 'cuda' / 'bin' / 'nvcc'
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text('#!/bin/sh\nexit 0\n')
     nvcc.chmod(0o755)
-    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'))
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'), FORCE_CUDA='1')
     assert proc.returncode == 0, proc.stderr
     build = next(line for line in proc.stdout.splitlines() if 'pip wheel' in line)
     for part in ('FORCE_CUDA=1', 'MMCV_WITH_OPS=1', f'CUDA_HOME={tmp_path / "cuda"}', '--no-build-isolation',
@@ -123,14 +124,24 @@ def test_setup_builds_mmcv_cuda_ops_with_a_cuda_torch(tmp_path):
         assert part in build
     # The CUDA version and the architectures are part of the wheel cache's key.
     assert '-cuda13.0-sm7_0_7_5_8_0_8_6_8_9_9_0' in proc.stdout
-    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'), TORCH_CUDA_ARCH_LIST='9.0')
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path / 'cuda'), TORCH_CUDA_ARCH_LIST='9.0', FORCE_CUDA='1')
     assert 'TORCH_CUDA_ARCH_LIST=9.0 ' in proc.stdout and '-cuda13.0-sm9_0' in proc.stdout
 
 
 def test_setup_stops_when_a_cuda_torch_has_no_nvcc(tmp_path):
-    proc = _setup_dry_run(CUDA_HOME=str(tmp_path))
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path), FORCE_CUDA='1')
     assert proc.returncode == 1
     assert 'nvcc was not found' in proc.stderr and 'CUDA 13.0' in proc.stderr and 'pip wheel' not in proc.stdout
+
+
+def test_setup_compiles_cpu_ops_for_a_cuda_torch_on_a_machine_without_gpu(tmp_path):
+    """PyPI's Linux torch is a CUDA build, CPU machines included: without a GPU (and without FORCE_CUDA) the
+    set-up needs no nvcc and builds mmcv's CPU ops, cached apart from a CUDA build for the same torch."""
+    proc = _setup_dry_run(CUDA_HOME=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    build = next(line for line in proc.stdout.splitlines() if 'pip wheel' in line)
+    assert 'MMCV_WITH_OPS=1' in build and 'FORCE_CUDA' not in build and 'CUDA_HOME' not in build
+    assert 'no GPU is visible' in proc.stdout and '-cpu-ops' in proc.stdout
 
 
 def test_importing_dat_mm_hides_the_stacks_pkg_resources_notice_and_nothing_else():

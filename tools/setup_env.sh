@@ -3,15 +3,16 @@
 # Idempotent: a venv whose stamp matches this script and setup.py is left alone, and the compiled mmcv
 # wheel is kept in DAT_MM_WHEEL_CACHE so a new clone never compiles it again.
 #
-# With a CUDA build of torch, mmcv is compiled with its CUDA ops (FORCE_CUDA=1) for TORCH_CUDA_ARCH_LIST:
-# the visible GPU's compute capability, or DAT_MM_DEFAULT_CUDA_ARCHS (V100 to H100) when none is visible.
+# With a CUDA build of torch and a visible GPU, mmcv is compiled with its CUDA ops for TORCH_CUDA_ARCH_LIST (the
+# GPU's compute capability unless set); FORCE_CUDA=1 does so without a GPU (a build node), for
+# DAT_MM_DEFAULT_CUDA_ARCHS (V100 to H100) unless TORCH_CUDA_ARCH_LIST is set. A CUDA torch without a visible GPU
+# otherwise gets CPU ops, as mmcv's own build does: PyPI's Linux torch is a CUDA build, also on CPU machines.
 # DAT_MM_SETUP_DRY_RUN=1 prints the mmcv build it would run and stops; DAT_MM_ASSUME_CUDA=<version>
 # pretends torch is a CUDA build of that version (both only for checking this script on a CPU machine).
 #
 # DAT_MM_STACK picks the stack: 'current' (default; torch 2.13 in .venv) or 'torch2.1' (in .venv-torch2.1), the
-# stack most mmdet 3 users have: torch 2.1.2 with numpy < 2, and the same mmcv, mmengine, mmdet and mmseg. Its
-# mmcv ops are compiled for the CPU where no GPU is visible (PyPI's torch 2.1.2 is a CUDA 12.1 build, and a
-# machine's nvcc of another CUDA version cannot build against it); the tests run there are marked 'compat'.
+# stack most mmdet 3 users have: torch 2.1.2 with numpy < 2, and the same mmcv, mmengine, mmdet and mmseg; the
+# tests run there are marked 'compat'.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,8 +23,8 @@ DRY_RUN=${DAT_MM_SETUP_DRY_RUN:-0}
 DEFAULT_CUDA_ARCHS=${DAT_MM_DEFAULT_CUDA_ARCHS:-7.0;7.5;8.0;8.6;8.9;9.0}
 MMCV_VERSION=2.1.0
 case "$STACK" in
-  current) TORCH_VERSION=2.13.0; VENV=${DAT_MM_VENV:-$ROOT/.venv}; NUMPY='numpy'; CPU_OPS=0 ;;
-  torch2.1) TORCH_VERSION=2.1.2; VENV=${DAT_MM_VENV:-$ROOT/.venv-torch2.1}; NUMPY='numpy<2'; CPU_OPS=1 ;;
+  current) TORCH_VERSION=2.13.0; VENV=${DAT_MM_VENV:-$ROOT/.venv}; NUMPY='numpy' ;;
+  torch2.1) TORCH_VERSION=2.1.2; VENV=${DAT_MM_VENV:-$ROOT/.venv-torch2.1}; NUMPY='numpy<2' ;;
   *) echo "[setup] DAT_MM_STACK=$STACK: expected 'current' or 'torch2.1'" >&2; exit 2 ;;
 esac
 
@@ -70,8 +71,9 @@ TORCH_CUDA=${DAT_MM_ASSUME_CUDA:-$("$VENV/bin/python" -c "import torch; print(to
 BUILD_ENV=(MMCV_WITH_OPS=1 "MAX_JOBS=${MAX_JOBS:-$(nproc)}")
 MMCV_DIR="$WHEEL_CACHE/mmcv-$MMCV_VERSION-torch$TORCH_TAG"
 GPU_VISIBLE=$("$VENV/bin/python" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$CPU_OPS" = 1 ] && [ "$GPU_VISIBLE" = 0 ]; then
-  log "no GPU visible: mmcv's ops are compiled for the CPU only"
+if [ -n "$TORCH_CUDA" ] && [ "$GPU_VISIBLE" = 0 ] && [ "${FORCE_CUDA:-0}" != 1 ]; then
+  log "torch is a CUDA $TORCH_CUDA build, but no GPU is visible: mmcv's ops are compiled for the CPU" \
+      "(FORCE_CUDA=1 compiles its CUDA ops instead)"
   MMCV_DIR="$MMCV_DIR-cpu-ops"
 elif [ -n "$TORCH_CUDA" ]; then
   # torch's own search order would take /usr/local for an nvcc wrapper script in /usr/local/bin.
