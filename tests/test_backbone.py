@@ -184,6 +184,7 @@ def test_checkpointing_gives_the_same_outputs_and_gradients(arch):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize('name', ['v1', 'pp'])
 def test_bf16_autocast_stays_close_to_fp32(name):
     model, bundle = golden_model(name, torch.float32)

@@ -121,6 +121,7 @@ def test_a_bug_in_loading_the_kernels_is_not_taken_for_a_missing_compiler(monkey
         deformable_bias.available()
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize('plan', ['cpu', 'device'])
 def test_neighborhood_attention_under_bf16_autocast_sums_its_table_gradient_in_fp32(plan, monkeypatch):
     """The tiled path attends in bf16 under autocast, but the table's gradient, a sum over every tile of the
@@ -149,6 +150,7 @@ def _deformable_layer_gradients(layer, x: torch.Tensor, autocast: bool) -> list:
     return [g.double() for g in torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()])]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize('plan', ['cpu', 'device'])
 def test_deformable_gradients_under_bf16_autocast_sum_their_many_chunks_in_fp32(plan, monkeypatch):
     """Under bf16 autocast a deformable layer on a large map attends in 100+ chunks. dK and dV (hence proj_k's and
