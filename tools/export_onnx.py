@@ -9,8 +9,8 @@ with a segmentor config also the whole segmentor's 'tensor' mode (image -> logit
 Height and width are dynamic in the backbone graph: the attention's shape logic (padding, windows, tiles, key
 grids) is traced as arithmetic on the input size. The attention layers trace their device plan in plain ops
 (dat_mm/models/layers: ``_attend_tiles_traced``, ``_biased_attention_traced``): neighborhood attention as tiles
-of queries attending to their key regions, deformable attention as one block whose bias is one GridSample, with
-no loop whose length the export size would fix. They compute the reference's numbers (``--check``). In the
+of queries attending to their key regions, deformable attention in four parts of the queries, each part's bias
+one GridSample, with no loop whose length the export size would fix. They compute the reference's numbers (``--check``). In the
 segmentor, adaptive average pooling (UperNet's pyramid pooling), which the exporter converts only for
 constant input sizes, is exported as averaging-matrix products built from the size (same windows).
 ``--check`` compares onnxruntime with the unchanged PyTorch model at the export shape and two others, and

@@ -175,7 +175,7 @@ class DAT(BaseModule):
         with_cp: activation checkpointing (non-reentrant) of every block while training.
         deform_strides: per stage, the stride of the grid the deformable blocks sample keys on, in place of
             the arch's (DAT: 1, 1, 1, 1; DAT++: 8, 4, 2, 1). No parameter depends on it, so ImageNet weights
-            load under any strides. The DAT v1 dense-prediction configs use (1, 1, 2, 1); see the README.
+            load under any strides. The DAT v1 dense-prediction configs use (1, 1, 2, 1); see docs/v1_sampling_stride.md.
         reference_attention: run the plain deformable and neighborhood attention, which hold every
             (query, key) tensor of a block at once; same numbers, slower, much more memory. For checks.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint='dat_pp_tiny_in1k_224.pth')``; the authors'
