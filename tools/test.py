@@ -63,6 +63,8 @@ def keep_seg_maps(cfg, out: str) -> None:
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, (list, tuple)) else [cfg.test_evaluator]
     for evaluator in evaluators:
         evaluator.update(output_dir=out, keep_results=True)
+    # mmseg's IoUMetric makes the folder on rank 0 alone, and another rank may write its first map before that.
+    Path(out).mkdir(parents=True, exist_ok=True)
 
 
 def main() -> None:
