@@ -94,10 +94,13 @@ def _allowed_globals() -> Dict[str, Any]:
     return allowed
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Builds only the types above: a pickle reaches code through the globals it names and nothing else, so an
-    allow-list of harmless globals makes the whole file safe to read, on every torch version alike."""
+class _PlainDataUnpickler(pickle._Unpickler):
+    """Builds only the types above: a pickle reaches code through the globals it names, and sets state (BUILD)
+    on what they built, so an allow-list of harmless globals, whose classes take state only on their instances,
+    makes the whole file safe to read, on every torch version alike. Python's own unpickler, whose opcodes can
+    be overridden; the pickled part of a checkpoint is small beside its tensors."""
     allowed: Dict[str, Any] = {}
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2, torch.save's, writes Python 2's names (__builtin__.set); pickle's own find_class maps them.
@@ -107,6 +110,15 @@ class _PlainDataUnpickler(pickle.Unpickler):
         if found is None:
             raise UnsafeCheckpointError(f'{module}.{name}')
         return found
+
+    def load_build(self) -> None:
+        target = self.stack[-2]   # under the state that BUILD pops
+        # State set on a class or a function would change it for the whole process.
+        if isinstance(target, type) or callable(target):
+            raise UnsafeCheckpointError(f'state set on {getattr(target, "__qualname__", type(target).__name__)}')
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_checkpoint(file: Union[str, os.PathLike, BinaryIO]) -> Any:

@@ -181,3 +181,21 @@ def test_a_checkpoint_holding_any_other_object_is_refused_before_it_runs(tmp_pat
                           env=tool_env())
     assert proc.returncode != 0 and 'refusing to unpickle' in proc.stderr and 'posix.system' in proc.stderr
     assert not marker.exists() and not (tmp_path / 'out.pth').exists()
+
+
+def test_a_pickle_that_sets_state_on_an_allowed_class_is_refused(tmp_path):
+    """BUILD on a class named by an allowed global would change that class for the whole process."""
+    import pickle
+
+    from mmengine.logging import HistoryBuffer
+
+    from dat_mm.checkpoint import UnsafeCheckpointError, read_checkpoint
+    mean = HistoryBuffer.mean
+    # HistoryBuffer (the class itself), then (None, {'mean': None}) as its slot state, then BUILD.
+    stream = (b'\x80\x02cmmengine.logging.history_buffer\nHistoryBuffer\nN}X\x04\x00\x00\x00meanNs\x86'
+              + pickle.BUILD + b'.')
+    path = tmp_path / 'class_state.pth'
+    path.write_bytes(stream)
+    with pytest.raises(UnsafeCheckpointError, match='state set on HistoryBuffer'):
+        read_checkpoint(path)
+    assert HistoryBuffer.mean is mean
