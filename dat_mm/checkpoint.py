@@ -1,6 +1,7 @@
 """Checkpoint helpers: the authors' checkpoints into our backbone, and MMEngine checkpoints under torch >= 2.6."""
 import _compat_pickle
 import collections
+import functools
 import os
 import pickle
 import re
@@ -72,6 +73,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 PLAIN_DATA_STAND_INS = {'yacs.config.CfgNode': OrderedDict}
 
 
+@functools.lru_cache(maxsize=None)
 def _allowed_globals() -> Dict[str, Any]:
     from mmengine.logging import HistoryBuffer
     allowed = {
@@ -99,14 +101,13 @@ class _PlainDataUnpickler(pickle._Unpickler):
     on what they built, so an allow-list of harmless globals, whose classes take state only on their instances,
     makes the whole file safe to read, on every torch version alike. Python's own unpickler, whose opcodes can
     be overridden; the pickled part of a checkpoint is small beside its tensors."""
-    allowed: Dict[str, Any] = {}
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2, torch.save's, writes Python 2's names (__builtin__.set); pickle's own find_class maps them.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        found = self.allowed.get(f'{module}.{name}')
+        found = _allowed_globals().get(f'{module}.{name}')
         if found is None:
             raise UnsafeCheckpointError(f'{module}.{name}')
         return found
@@ -121,6 +122,13 @@ class _PlainDataUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
+# What torch.load takes as its pickle module: the legacy file format also calls its load() for the header.
+_RESTRICTED_PICKLE = types.ModuleType('dat_mm_plain_data_pickle')
+_RESTRICTED_PICKLE.Unpickler = _PlainDataUnpickler
+_RESTRICTED_PICKLE.load = lambda f, **kwargs: _PlainDataUnpickler(f, **kwargs).load()
+_RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError
+
+
 def read_checkpoint(file: Union[str, os.PathLike, BinaryIO]) -> Any:
     """``torch.load`` of a checkpoint file onto the CPU, reading tensors and plain data only.
 
@@ -128,13 +136,8 @@ def read_checkpoint(file: Union[str, os.PathLike, BinaryIO]) -> Any:
     that a pickle would construct or call raises :class:`UnsafeCheckpointError` naming it, before any of it runs.
     The same reader serves every torch from 2.1, whose own ``weights_only`` reader knows none of these types.
     """
-    _PlainDataUnpickler.allowed = _PlainDataUnpickler.allowed or _allowed_globals()
-    restricted = types.ModuleType('dat_mm_plain_data_pickle')
-    restricted.Unpickler = _PlainDataUnpickler
-    restricted.load = lambda f, **kwargs: _PlainDataUnpickler(f, **kwargs).load()
-    restricted.UnpicklingError = pickle.UnpicklingError
     # weights_only=False because this module is the restriction; torch refuses a pickle_module beside its own.
-    return torch.load(file, map_location='cpu', pickle_module=restricted, weights_only=False)
+    return torch.load(file, map_location='cpu', pickle_module=_RESTRICTED_PICKLE, weights_only=False)
 
 
 def unwrap_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
