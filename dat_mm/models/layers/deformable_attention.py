@@ -126,13 +126,18 @@ class DeformableAttention(nn.Module):
         else:
             pos = (ref + offset).clamp(-1.0, 1.0)
 
-        pos_xy = pos.flip(-1)   # grid_sample's order, for the keys and for the bias
+        # grid_sample's (x, y) order, for the keys and for the bias. Keys, and the attention's output up to
+        # proj_out, are one row of points (1, Hk*Wk) and (1, H*W): compiled with symbolic sizes, a view of a map
+        # with two symbolic sides that the backward keeps (proj_k's output gradient, proj_out's input) stops
+        # inductor (torch 2.13) while it orders the view's strides. The 1x1 convolutions do not mind the shape.
+        pos_xy = pos.flip(-1).reshape(batch * groups, 1, hk * wk, 2)
         sampled = F.grid_sample(x.reshape(batch * groups, channels // groups, height, width).to(cdtype),
                                 pos_xy, mode='bilinear', align_corners=True).to(x.dtype)
-        sampled = sampled.reshape(batch, channels, hk, wk)
+        sampled = sampled.reshape(batch, channels, 1, hk * wk)
         attend = self._attend if self.reference else self._attend_chunked
         out = attend(q, self.proj_k(sampled), self.proj_v(sampled), pos_xy.reshape(batch * groups, hk * wk, 2))
-        return self.proj_out(out), pos.reshape(batch, groups, hk, wk, 2), ref.expand(batch, groups, hk, wk, 2)
+        return (self.proj_out(out).reshape(batch, channels, height, width), pos.reshape(batch, groups, hk, wk, 2),
+                ref.expand(batch, groups, hk, wk, 2))
 
     def _offsets(self, q: torch.Tensor) -> torch.Tensor:
         """(B*g, 2, Hk, Wk) offsets from each group's channels of q (B, C, H, W)."""
@@ -152,16 +157,16 @@ class DeformableAttention(nn.Module):
         return bias.reshape(-1, query.shape[0], pos.shape[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Reference path. q: (B, C, H, W); k, v: (B, C, Hk, Wk); pos: (B*g, Hk*Wk, 2), the keys' (x, y).
+        """Reference path. q: (B, C, H, W); k, v: (B, C, 1, Hk*Wk); pos: (B*g, Hk*Wk, 2), the keys' (x, y).
 
-        Returns (B, C, H, W).
+        Returns (B, C, 1, H*W).
         """
         batch, channels, height, width = q.shape
         q, k, v = (t.reshape(batch * self.num_heads, channels // self.num_heads, -1) for t in (q, k, v))
         scores = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
         query = _query_grid(height, width, self.version, pos.device, pos.dtype).flip(-1)
         scores = scores + self._bias(query, pos).to(scores.dtype)
-        return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v).reshape(batch, channels, height, width)
+        return torch.einsum('bmn,bcn->bcm', scores.softmax(-1), v).reshape(batch, channels, 1, height * width)
 
     def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Fast path, same arguments and result as :meth:`_attend`; see :class:`_ChunkedBiasedAttention`."""
@@ -183,9 +188,9 @@ class DeformableAttention(nn.Module):
         attend = _biased_attention_traced if torch.jit.is_tracing() else _ChunkedBiasedAttention.apply
         out = attend(heads_first(q), heads_first(k), heads_first(v), self.rpe_table, pos, query, self.groups,
                      self.scale, attention_plan(q.device))
-        # Back to a map laid out channels last, as q and the block's other maps are: proj_out and the residual
-        # add then run without a layout conversion, in either pass.
-        return out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        # Laid out channels last, as q and the block's other maps are: proj_out and the residual add then run
+        # without a layout conversion, in either pass.
+        return out.transpose(1, 2).reshape(batch, 1, height * width, channels).permute(0, 3, 1, 2)
 
 
 def _group_tables(table: torch.Tensor, batch_groups: int, groups: int) -> torch.Tensor:

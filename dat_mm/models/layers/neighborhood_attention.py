@@ -33,8 +33,11 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     """
     n_tiles = _ceil_div(length, tile)
     # Under an ONNX trace the length is a 0-d tensor: Python's min would freeze the export size's branch.
-    region = length.clamp(max=tile + kernel_size - 1) if isinstance(length, torch.Tensor) else \
-        min(tile + kernel_size - 1, length)
+    # Compiled with symbolic sizes, a branch (a guard on the size) rather than min: the region is then a constant
+    # on maps of at least tile + k - 1, and inductor (torch 2.13) fails to simplify the index arithmetic of
+    # gathers whose sizes hold Min(...) ("vr must not be None").
+    full = tile + kernel_size - 1
+    region = length.clamp(max=full) if isinstance(length, torch.Tensor) else full if length >= full else length
     starts = torch.arange(n_tiles, device=device) * tile
     queries = starts[:, None] + torch.arange(tile, device=device)
     keys = (starts - kernel_size // 2).clamp(min=0).clamp(max=length - region)[:, None] + \
@@ -135,12 +138,15 @@ class NeighborhoodAttention(nn.Module):
         if isinstance(pad_h, torch.Tensor) or pad_h or pad_w:   # a copy of the map, where none is needed
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         hp, wp = x.shape[1:3]
-        qkv = self.qkv(x)                             # (B, Hp, Wp, 3C)
         if self.reference:
+            qkv = self.qkv(x)                         # (B, Hp, Wp, 3C)
             q, key, value = qkv.reshape(batch, hp, wp, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5)
             out = self._attend(q * self.scale, key, value).permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
         else:
-            out = self._attend_tiled(qkv)
+            # The projection writes the pixels as one axis, which the gathers index. Compiled with symbolic sizes,
+            # a gather from an (Hp, Wp) layout splits each gathered position into a row and a column, and inductor
+            # (torch 2.13) fails to simplify that index ("vr must not be None").
+            out = self._attend_tiled(self.qkv(x.reshape(batch, hp * wp, channels)), hp, wp)
         return self.proj(out)[:, :height, :width].permute(0, 3, 1, 2)
 
     def _bias(self, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
@@ -161,14 +167,14 @@ class NeighborhoodAttention(nn.Module):
         attn = scores.flatten(-2).softmax(-1).view_as(scores)
         return torch.einsum('bhijuv,bhijuvd->bhijd', attn, value_n)
 
-    def _attend_tiled(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _attend_tiled(self, qkv: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a bias of -inf
-        outside the queries' own windows; same result as :meth:`_attend`. qkv: (B, Hp, Wp, 3C), q unscaled.
+        outside the queries' own windows; same result as :meth:`_attend`. qkv: (B, Hp*Wp, 3C), q unscaled.
         Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp rounded up to whole tiles. The cpu plan attends a row
         of tiles at a time (:class:`_TiledAttention`), the device plan every tile at once
         (:class:`_TiledAttentionAtOnce`).
         """
-        batch, hp, wp = qkv.shape[:3]
+        batch = qkv.shape[0]
         heads, t = self.num_heads, self.tile
         n_ty, n_tx = _ceil_div(hp, t), _ceil_div(wp, t)
         # A trace (ONNX export) and a compiled graph take the device plan's, whose ops do not depend on the map size.
