@@ -100,21 +100,32 @@ class EagerOptimizerStepHook(Hook):
 
 
 def prepare_compile(cfg: Config) -> None:
-    """For a config that compiles (``compile=True`` or a dict): ``EagerOptimizerStepHook`` added once, and
-    static shapes unless the config chooses. Inductor (torch 2.13) fails on the symbolic sizes that a second
-    input size brings under ``dynamic=None`` (docs/design.md#torchcompile); static, each size compiles once,
-    up to torch's recompile limit."""
+    """For a config that compiles (``compile=True`` or a dict): ``EagerOptimizerStepHook`` added once, static
+    shapes unless the config chooses, and inductor's layout optimization off on a machine without CUDA where the
+    config chooses symbolic sizes (``dynamic=True``, or torch's ``None``). See docs/design.md#torchcompile."""
     if not cfg.get('compile'):
         return
     hooks = cfg.get('custom_hooks') or []
     if not any(hook.get('type') == 'EagerOptimizerStepHook' for hook in hooks):
         cfg.custom_hooks = [*hooks, dict(type='EagerOptimizerStepHook')]
     options = ConfigDict(cfg.compile) if isinstance(cfg.compile, dict) else ConfigDict()
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if 'dynamic' not in options:
+        # Static stays the default while inductor's lowering on symbolic sizes takes many minutes and has not been
+        # checked against eager on every plan (docs/design.md#torchcompile).
         options.dynamic = False
-        print('compile: dynamic=False (inductor fails on symbolic sizes); set compile.dynamic to choose',
-              flush=True)
-    cfg.compile = options
+        if main_rank:
+            print('compile: dynamic=False (static shapes); set compile.dynamic to choose', flush=True)
+    elif options.dynamic is not False and not torch.cuda.is_available():
+        # Inductor lays convolutions out channels last on CPU (mkldnn), and that decision fails on symbolic sizes
+        # (torch 2.13: "cannot determine truth value of Relational"). On other devices inductor turns it off
+        # itself as soon as a convolution's sizes are symbolic; this makes the CPU do the same.
+        import torch._inductor.config as inductor_config
+        if inductor_config.layout_optimization:
+            inductor_config.layout_optimization = False
+            if main_rank:
+                print('compile: inductor layout optimization off on CPU (it fails on symbolic sizes)', flush=True)
+    cfg.compile = options   # a copy is stored: assigned once complete
 
 
 def build_runner(cfg: Config):

@@ -229,3 +229,24 @@ def test_the_traced_attention_paths_give_the_fast_paths_numbers():
     ours = na._attend_tiles_traced(qkv, layer._padded_table(), *index, layer.scale)
     theirs = na._TiledAttentionAtOnce.apply(qkv, layer._padded_table(), *index, layer.scale)
     assert (ours - theirs).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_layer_norm_2d_takes_the_same_values_and_dtype_in_its_compiled_form(dtype, autocast):
+    """Compiled code normalises over dim 1 without permutes (see LayerNorm2d); it must give eager's numbers and
+    eager's output dtype, with and without autocast, on the channels-last maps the blocks pass it."""
+    from contextlib import nullcontext
+
+    from dat_mm.models.layers import LayerNorm2d
+    torch.manual_seed(0)
+    norm = LayerNorm2d(24)
+    with torch.no_grad():
+        norm.norm.weight.normal_()
+        norm.norm.bias.normal_()
+    x = (torch.randn(2, 24, 5, 7) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16) if autocast else nullcontext():
+        eager, compiled_form = norm(x), norm._over_dim1(x)
+    assert compiled_form.dtype == eager.dtype and compiled_form.shape == eager.shape
+    tolerance = 1e-5 if eager.dtype == torch.float32 else 2e-2
+    assert (compiled_form.float() - eager.float()).abs().max() <= tolerance * eager.float().abs().max()

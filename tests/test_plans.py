@@ -110,21 +110,34 @@ def _compare_compiled(model: DAT, x: torch.Tensor, backend: str) -> None:
     # Each gradient within 1e-5 of its scale of eager's. Inductor generates its own kernels, which may sum in
     # another order: there the bound is also twice eager's own fp32 error, from a float64 step, where that is
     # larger (the offset convs' gradients sum many cancelling terms).
-    slack = {key: 0.0 for key in eager_grads}
-    if backend == 'inductor':
-        double = copy.deepcopy(model).double()
-        _, exact = _gradients(double, double, x.double())
-        slack = {key: 2 * (b.double() - exact[key]).abs().max().item() for key, b in eager_grads.items()}
+    _assert_gradients_match(grads, eager_grads, _inductor_slack(model, x, eager_grads) if backend == 'inductor' else {})
+
+
+def _assert_gradients_match(grads: dict, eager_grads: dict, slack: dict, where=()) -> None:
+    """Each gradient within 1e-5 of its scale of eager's, or the given slack. proj_k.bias has a true gradient of zero
+    (softmax ignores what adds to all of a query's scores; see test_layers.py): both must be rounding noise, small
+    against proj_k.weight's gradient."""
     for key, b in eager_grads.items():
-        # proj_k.bias has a true gradient of zero (see test_layers.py), hence the absolute floor.
-        assert (grads[key] - b).abs().max() <= max(1e-5 * b.abs().max(), slack[key]) + 1e-6, key
+        if key.endswith('proj_k.bias'):
+            scale = eager_grads[key.replace('bias', 'weight')].abs().max()
+            assert max(grads[key].abs().max(), b.abs().max()) <= 1e-4 * scale, (*where, key)
+        else:
+            assert (grads[key] - b).abs().max() <= max(1e-5 * b.abs().max(), slack.get(key, 0.0)) + 1e-6, (*where, key)
+
+
+def _inductor_slack(model: DAT, x: torch.Tensor, eager_grads: dict) -> dict:
+    """Per parameter, twice eager's own fp32 error in its gradient, from a float64 step."""
+    double = copy.deepcopy(model).double()
+    _, exact = _gradients(double, double, x.double())
+    return {key: 2 * (b.double() - exact[key]).abs().max().item() for key, b in eager_grads.items()}
 
 
 # aot_eager traces what inductor compiles (Dynamo's one graph, AOTAutograd's forward and backward graphs with
 # the attention's autograd Functions and the kernels' operators) and runs it with eager kernels. Inductor's
 # own code generation takes 100-260 s per model here, cold: DAT_MM_TEST_INDUCTOR=1 adds it.
-BACKENDS = ['aot_eager', pytest.param('inductor', marks=pytest.mark.skipif(
-    os.environ.get('DAT_MM_TEST_INDUCTOR') != '1', reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1'))]
+INDUCTOR = pytest.mark.skipif(os.environ.get('DAT_MM_TEST_INDUCTOR') != '1',
+                              reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1')
+BACKENDS = ['aot_eager', pytest.param('inductor', marks=INDUCTOR)]
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -140,29 +153,42 @@ def test_the_backbone_compiles_into_one_graph_for_inference_and_training(name, p
     _compare_compiled(model, torch.randn(2, 3, 64, 96), backend)
 
 
-def test_one_dynamic_shape_graph_serves_two_input_sizes_in_training(monkeypatch):
+# Small enough to trace symbolically in minutes: every block kind of each family, one block per stage past the first.
+DYNAMIC_ARCHS = {
+    'pp': dict(version=2, dims=(16, 32, 64, 128), depths=(2, 1, 1, 1), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
+               blocks=('ND', 'D', 'D', 'D')),
+    'v1': dict(version=1, dims=(16, 32, 64, 128), depths=(2, 1, 1, 1), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
+               blocks=('LS', 'D', 'D', 'D')),
+}
+
+
+@pytest.mark.parametrize('name,plan,backend', [
+    ('pp', 'device', 'aot_eager'),
+    pytest.param('pp', 'device', 'inductor', marks=INDUCTOR),
+    pytest.param('pp', 'cpu', 'inductor', marks=INDUCTOR),
+    pytest.param('v1', 'device', 'inductor', marks=INDUCTOR)])
+def test_one_dynamic_shape_graph_serves_two_input_sizes_in_training(name, plan, backend, monkeypatch):
     """torch.compile(dynamic=True), as multi-scale training ends up compiling (after a second size, dynamo
     marks the sizes symbolic): one graph, no recompilation at the second size, outputs and every gradient equal
-    eager at both. Through aot_eager, which traces Dynamo's and AOTAutograd's graphs on symbolic sizes;
-    inductor's lowering of such graphs fails in torch 2.13 (docs/design.md). The smallest DAT++ with both of
-    its block kinds in the device plan, which GPUs run: symbolic tracing takes minutes per block here."""
+    eager at both. aot_eager traces Dynamo's and AOTAutograd's graphs on symbolic sizes; inductor also lowers
+    them, with its layout optimization off as tools/train.py sets it on CPU (docs/design.md#torchcompile)."""
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    arch = dict(version=2, dims=(16, 32, 64, 128), depths=(2, 1, 1, 1), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
-                blocks=('ND', 'D', 'D', 'D'))
-    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'device')
-    model = DAT(arch=arch)
-    compiled = torch.compile(model, backend='aot_eager', dynamic=True, fullgraph=True)
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
+    monkeypatch.setattr(inductor_config, 'layout_optimization', False)
+    model = DAT(arch=DYNAMIC_ARCHS[name])
+    compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
     for size in ((64, 96), (88, 72)):
         x = torch.randn(2, 3, *size)
         eager_outs, eager_grads = _gradients(model, model, x)
         outs, grads = _gradients(model, compiled, x)
         for a, b in zip(outs, eager_outs):
             assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), size
-        for key, b in eager_grads.items():
-            assert (grads[key] - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, (size, key)
+        _assert_gradients_match(grads, eager_grads,
+                                _inductor_slack(model, x, eager_grads) if backend == 'inductor' else {}, (size,))
     assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
 
 

@@ -200,10 +200,10 @@ def test_the_demo_detector_learns_the_shapes(tiny_workspace, tmp_path):
     assert end['loss_cls'] < 0.6 and end['loss_mask'] < 0.6 and end['loss'] < 2.9, end
 
 
-def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes():
+def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes(monkeypatch, capsys):
     # MMEngine's compile traces train_step, optimizer step included. Dynamo cannot trace param groups that are
     # ConfigDicts, which MMEngine builds from every paramwise_cfg, and each new learning rate would compile the
-    # step again. tools/train.py adds a hook that keeps the step eager, and compiles static shapes by default.
+    # step again. tools/train.py adds a hook that keeps the step eager.
     from types import SimpleNamespace
 
     from mmengine.config import Config, ConfigDict
@@ -231,28 +231,105 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
     # One graph before the step and one after its graph break, each compiled once for all three rates.
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 2, dict(torch._dynamo.utils.counters['stats'])
 
+    # Shapes: static unless the config chooses. Inductor's layout optimization: off on CPU where the config
+    # chooses symbolic sizes, with one line saying so; torch's setting untouched otherwise.
+    import torch._inductor.config as inductor_config
     for compile, hooks, dynamic in ((False, ['EMAHook'], None),
                                     (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
                                     (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
+                                    (dict(dynamic=None), ['EMAHook', 'EagerOptimizerStepHook'], None),
                                     (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
+        monkeypatch.setattr(inductor_config, 'layout_optimization', True)
         cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
         prepare_compile(cfg)
         prepare_compile(cfg)
         assert [hook['type'] for hook in cfg.custom_hooks] == hooks
         assert (cfg.compile.get('dynamic') if compile else None) == dynamic
+        symbolic = bool(compile) and dynamic is not False and not torch.cuda.is_available()
+        assert inductor_config.layout_optimization == (not symbolic)
+        printed = capsys.readouterr().out
+        assert printed.count('layout optimization off') == int(symbolic)
+        assert printed.count('compile: dynamic=False') == int(compile is True or (isinstance(compile, dict) and 'dynamic' not in compile))
 
 
-# Inductor's cold compile of a demo model takes 2-5 minutes on a 2-core CPU: opt-in, as in test_plans.py.
-@pytest.mark.skipif(os.environ.get('DAT_MM_TEST_INDUCTOR') != '1',
-                    reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1')
-@pytest.mark.parametrize('config,entry', [(SEGMENTOR, 'tools/train.py'), (DETECTOR, 'tools/train.py'),
-                                          (SEGMENTOR, 'mim')])
-def test_mmengine_compile_trains_the_demo_models(tiny_workspace, tmp_path, config, entry):
+# Inductor's cold compile of a demo model takes minutes on a 2-core CPU: opt-in, as in test_plans.py.
+INDUCTOR = pytest.mark.skipif(os.environ.get('DAT_MM_TEST_INDUCTOR') != '1',
+                              reason='inductor code generation: set DAT_MM_TEST_INDUCTOR=1')
+
+
+@INDUCTOR
+@pytest.mark.parametrize('config,entry,dynamic', [(SEGMENTOR, 'tools/train.py', True),
+                                                  (DETECTOR, 'tools/train.py', False), (SEGMENTOR, 'mim', False)])
+def test_mmengine_compile_trains_the_demo_models(tiny_workspace, tmp_path, config, entry, dynamic):
     command = [ROOT / 'tools/train.py'] if entry == 'tools/train.py' else ['-m', 'mim', 'train', 'dat_mm']
-    log = run_tool([*command, config, '--work-dir', tmp_path, '--cfg-options', 'compile=True',
+    compile = ['compile=True'] if dynamic is False else [f'compile.dynamic={dynamic}']
+    log = run_tool([*command, config, '--work-dir', tmp_path, '--cfg-options', *compile,
                     'train_cfg.max_iters=3', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
                     'default_hooks.logger.interval=1'], tiny_workspace)
-    assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log and 'dynamic=False' in log
+    assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log
+    assert ('layout optimization off' if dynamic else 'compile: dynamic=False') in log
     losses = [float(x) for x in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.e+na]+)', log)]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
     assert torch.load(tmp_path / 'iter_3.pth')['meta']['iter'] == 3
+
+
+# An inductor backend that counts the graphs holding backbone code, and a hook that records each batch's padded
+# size (mmdet's pad_size_divisor, 32) and writes both at the end.
+COUNTER = '''
+import json
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from torch._dynamo import register_backend
+from torch._inductor.compile_fx import compile_fx
+
+BACKBONE_GRAPHS = []
+
+
+@register_backend
+def inductor_counting_backbone(gm, example_inputs):
+    if any('dat_mm/models/backbones/dat.py' in (node.meta.get('stack_trace') or '') for node in gm.graph.nodes):
+        BACKBONE_GRAPHS.append(len(gm.graph.nodes))
+    return compile_fx(gm, example_inputs)
+
+
+@HOOKS.register_module()
+class RecordSizesHook(Hook):
+    def before_train(self, runner):
+        self.sizes = set()
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        shapes = [image.shape[-2:] for image in data_batch['inputs']]
+        self.sizes.add(tuple(-(-max(shape[i] for shape in shapes) // 32) * 32 for i in (0, 1)))
+
+    def after_train(self, runner):
+        with open(f'{runner.work_dir}/compiles.json', 'w') as f:
+            json.dump(dict(backbone_graphs=len(BACKBONE_GRAPHS), sizes=sorted(self.sizes)), f)
+'''
+
+
+@INDUCTOR
+def test_multi_scale_training_compiles_the_backbone_at_most_twice(tiny_workspace, tmp_path):
+    """The demo detector under MMEngine's compile with torch's shape policy (dynamic=None): the first size
+    compiles static, the second with symbolic sizes, and that graph serves every later size."""
+    import json
+    (tmp_path / 'compile_counter.py').write_text(COUNTER)
+    config = tmp_path / 'multi_scale.py'
+    config.write_text(
+        f"_base_ = '{DETECTOR}'\n"
+        "custom_imports = dict(imports=['dat_mm', 'compile_counter'])\n"
+        "custom_hooks = [dict(type='RecordSizesHook')]\n"
+        "compile = dict(backend='inductor_counting_backbone', dynamic=None)\n"
+        # 64 to 192 px: padded sizes of 64 to 192 in steps of 32.
+        "train_dataloader = dict(batch_size=2, dataset=dict(pipeline=[\n"
+        "    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True),\n"
+        "    dict(type='RandomResize', scale=(128, 128), ratio_range=(0.5, 1.5), keep_ratio=True),\n"
+        "    dict(type='PackDetInputs')]))\n")
+    log = run_tool([ROOT / 'tools/train.py', config, '--work-dir', tmp_path / 'work', '--cfg-options',
+                    'train_cfg.max_iters=6', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=6',
+                    'default_hooks.logger.interval=1', 'randomness.seed=0'], tiny_workspace,
+                   PYTHONPATH=str(tmp_path))
+    record = json.loads((tmp_path / 'work/compiles.json').read_text())
+    assert len(record['sizes']) >= 3, record
+    assert 1 <= record['backbone_graphs'] <= 2, (record, log[-3000:])
