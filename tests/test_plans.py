@@ -107,14 +107,15 @@ def _compare_compiled(model: DAT, x: torch.Tensor, backend: str) -> None:
     outs, grads = _gradients(model, compiled, x)
     for a, b in zip(outs, eager_outs):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-    # Each gradient within 1e-5 of its scale of eager's. Inductor generates its own kernels, which may sum in
-    # another order: there the bound is also twice eager's own fp32 error, from a float64 step, where that is
-    # larger (the offset convs' gradients sum many cancelling terms).
-    _assert_gradients_match(grads, eager_grads, _inductor_slack(model, x, eager_grads) if backend == 'inductor' else {})
+    # Each gradient within 2e-5 of its scale of eager's, or four times eager's own fp32 error (_fp32_slack) where
+    # that is larger: compiled code sums in another order (inductor's kernels; LayerNorm2d's compiled form under any
+    # backend: its weight's gradient sums over every pixel), and some gradients sum many cancelling terms (the offset
+    # convs', the bias of the conv before a norm).
+    _assert_gradients_match(grads, eager_grads, _fp32_slack(model, x, eager_grads))
 
 
 def _assert_gradients_match(grads: dict, eager_grads: dict, slack: dict, where=()) -> None:
-    """Each gradient within 1e-5 of its scale of eager's, or the given slack. proj_k.bias has a true gradient of zero
+    """Each gradient within 2e-5 of its scale of eager's, or the given slack. proj_k.bias has a true gradient of zero
     (softmax ignores what adds to all of a query's scores; see test_layers.py): both must be rounding noise, small
     against proj_k.weight's gradient."""
     for key, b in eager_grads.items():
@@ -122,14 +123,15 @@ def _assert_gradients_match(grads: dict, eager_grads: dict, slack: dict, where=(
             scale = eager_grads[key.replace('bias', 'weight')].abs().max()
             assert max(grads[key].abs().max(), b.abs().max()) <= 1e-4 * scale, (*where, key)
         else:
-            assert (grads[key] - b).abs().max() <= max(1e-5 * b.abs().max(), slack.get(key, 0.0)) + 1e-6, (*where, key)
+            assert (grads[key] - b).abs().max() <= max(2e-5 * b.abs().max(), slack.get(key, 0.0)) + 1e-6, (*where, key)
 
 
-def _inductor_slack(model: DAT, x: torch.Tensor, eager_grads: dict) -> dict:
-    """Per parameter, twice eager's own fp32 error in its gradient, from a float64 step."""
+def _fp32_slack(model: DAT, x: torch.Tensor, eager_grads: dict) -> dict:
+    """Per parameter, four times eager's own fp32 error in its gradient (from a float64 step of a copy of the model):
+    a compiled gradient within it is at most three times eager's error away from the float64 one."""
     double = copy.deepcopy(model).double()
     _, exact = _gradients(double, double, x.double())
-    return {key: 2 * (b.double() - exact[key]).abs().max().item() for key, b in eager_grads.items()}
+    return {key: 4 * (b.double() - exact[key]).abs().max().item() for key, b in eager_grads.items()}
 
 
 # aot_eager traces what inductor compiles (Dynamo's one graph, AOTAutograd's forward and backward graphs with
@@ -178,18 +180,21 @@ def test_one_dynamic_shape_graph_serves_two_input_sizes_in_training(name, plan, 
     counters.clear()
     torch.manual_seed(0)
     monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
-    monkeypatch.setattr(inductor_config, 'layout_optimization', False)
     model = DAT(arch=DYNAMIC_ARCHS[name])
     compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
+    with inductor_config.patch(layout_optimization=False):
+        _compare_at_two_sizes(model, compiled)
+    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+
+
+def _compare_at_two_sizes(model: DAT, compiled) -> None:
     for size in ((64, 96), (88, 72)):
         x = torch.randn(2, 3, *size)
         eager_outs, eager_grads = _gradients(model, model, x)
         outs, grads = _gradients(model, compiled, x)
         for a, b in zip(outs, eager_outs):
             assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), size
-        _assert_gradients_match(grads, eager_grads,
-                                _inductor_slack(model, x, eager_grads) if backend == 'inductor' else {}, (size,))
-    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+        _assert_gradients_match(grads, eager_grads, _fp32_slack(model, x, eager_grads), (size,))
 
 
 def _kernel_arguments(dtype: torch.dtype) -> dict:

@@ -200,7 +200,7 @@ def test_the_demo_detector_learns_the_shapes(tiny_workspace, tmp_path):
     assert end['loss_cls'] < 0.6 and end['loss_mask'] < 0.6 and end['loss'] < 2.9, end
 
 
-def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes(monkeypatch, capsys):
+def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes(capsys):
     # MMEngine's compile traces train_step, optimizer step included. Dynamo cannot trace param groups that are
     # ConfigDicts, which MMEngine builds from every paramwise_cfg, and each new learning rate would compile the
     # step again. tools/train.py adds a hook that keeps the step eager.
@@ -234,12 +234,23 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
     # Shapes: static unless the config chooses. Inductor's layout optimization: off on CPU where the config
     # chooses symbolic sizes, with one line saying so; torch's setting untouched otherwise.
     import torch._inductor.config as inductor_config
+    saved = inductor_config.layout_optimization
+    try:
+        _check_compile_defaults(capsys, inductor_config)
+    finally:
+        inductor_config.layout_optimization = saved
+
+
+def _check_compile_defaults(capsys, inductor_config) -> None:
+    from mmengine.config import Config
+
+    from dat_mm.runner import prepare_compile
     for compile, hooks, dynamic in ((False, ['EMAHook'], None),
                                     (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
                                     (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
                                     (dict(dynamic=None), ['EMAHook', 'EagerOptimizerStepHook'], None),
                                     (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
-        monkeypatch.setattr(inductor_config, 'layout_optimization', True)
+        inductor_config.layout_optimization = True
         cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
         prepare_compile(cfg)
         prepare_compile(cfg)
