@@ -234,33 +234,24 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
     # Shapes: static unless the config chooses. Inductor's layout optimization: off on CPU where the config
     # chooses symbolic sizes, with one line saying so; torch's setting untouched otherwise.
     import torch._inductor.config as inductor_config
-    saved = inductor_config.layout_optimization
-    try:
-        _check_compile_defaults(capsys, inductor_config)
-    finally:
-        inductor_config.layout_optimization = saved
-
-
-def _check_compile_defaults(capsys, inductor_config) -> None:
-    from mmengine.config import Config
-
-    from dat_mm.runner import prepare_compile
-    for compile, hooks, dynamic in ((False, ['EMAHook'], None),
-                                    (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
-                                    (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
-                                    (dict(dynamic=None), ['EMAHook', 'EagerOptimizerStepHook'], None),
-                                    (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
-        inductor_config.layout_optimization = True
-        cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
-        prepare_compile(cfg)
-        prepare_compile(cfg)
-        assert [hook['type'] for hook in cfg.custom_hooks] == hooks
-        assert (cfg.compile.get('dynamic') if compile else None) == dynamic
-        symbolic = bool(compile) and dynamic is not False and not torch.cuda.is_available()
-        assert inductor_config.layout_optimization == (not symbolic)
-        printed = capsys.readouterr().out
-        assert printed.count('layout optimization off') == int(symbolic)
-        assert printed.count('compile: dynamic=False') == int(compile is True or (isinstance(compile, dict) and 'dynamic' not in compile))
+    with inductor_config.patch(layout_optimization=inductor_config.layout_optimization):   # restored after
+        for compile, hooks, dynamic in ((False, ['EMAHook'], None),
+                                        (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
+                                        (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
+                                        (dict(dynamic=None), ['EMAHook', 'EagerOptimizerStepHook'], None),
+                                        (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
+            inductor_config.layout_optimization = True
+            cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
+            prepare_compile(cfg)
+            prepare_compile(cfg)
+            assert [hook['type'] for hook in cfg.custom_hooks] == hooks
+            assert (cfg.compile.get('dynamic') if compile else None) == dynamic
+            symbolic = bool(compile) and dynamic is not False and not torch.cuda.is_available()
+            assert inductor_config.layout_optimization == (not symbolic)
+            printed = capsys.readouterr().out
+            assert printed.count('layout optimization off') == int(symbolic)
+            defaulted = compile is True or (isinstance(compile, dict) and 'dynamic' not in compile)
+            assert printed.count('compile: dynamic=False') == int(defaulted)
 
 
 # Inductor's cold compile of a demo model takes minutes on a 2-core CPU: opt-in, as in test_plans.py.
