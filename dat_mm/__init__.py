@@ -1,6 +1,6 @@
 """DAT / DAT++ backbones for MMDetection and MMSegmentation.
 
-Importing this package registers ``dat_mm.DAT`` and ``EagerOptimizerStepHook`` in MMEngine's registry tree
+Importing this package registers ``dat_mm.DAT`` and the compile hooks in MMEngine's registry tree
 and allow-lists the few types MMEngine writes into checkpoints, so that resuming works under torch's
 ``weights_only`` loading.
 """
@@ -22,8 +22,9 @@ from .checkpoint import register_safe_globals  # noqa: E402
 from .models import DAT  # noqa: E402
 from .optim import dat_custom_keys  # noqa: E402,F401  (DAT's weight-decay rule for paramwise_cfg.custom_keys)
 from .registry import MODELS  # noqa: E402
-from .runner import EagerOptimizerStepHook  # noqa: E402  (registered for mmdet's and mmseg's own train tools)
+# Registered for mmdet's and mmseg's own train tools.
+from .runner import EagerOptimizerStepHook, InductorSymbolicSizesHook  # noqa: E402
 
-__all__ = ['DAT', 'EagerOptimizerStepHook', 'MODELS', '__version__']
+__all__ = ['DAT', 'EagerOptimizerStepHook', 'InductorSymbolicSizesHook', 'MODELS', '__version__']
 
 register_safe_globals()

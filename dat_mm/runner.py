@@ -99,10 +99,19 @@ class EagerOptimizerStepHook(Hook):
             each.optimizer.step = torch.compiler.disable(each.optimizer.step)
 
 
+@HOOKS.register_module()
+class InductorSymbolicSizesHook(Hook):
+    """:func:`inductor_for_symbolic_sizes` before the first (compiled) step, for mmdet's and mmseg's own train
+    tools; ``tools/train.py`` and ``mim train dat_mm`` apply it themselves where ``compile.dynamic`` is not False."""
+
+    def before_train(self, runner) -> None:
+        inductor_for_symbolic_sizes(verbose=not dist.is_initialized() or dist.get_rank() == 0)
+
+
 def prepare_compile(cfg: Config) -> None:
-    """For a config that compiles (``compile=True`` or a dict): ``EagerOptimizerStepHook`` added once, static
-    shapes unless the config chooses, and inductor's layout optimization off on a machine without CUDA where the
-    config chooses symbolic sizes (``dynamic=True``, or torch's ``None``). See docs/design.md#torchcompile."""
+    """For a config that compiles (``compile=True`` or a dict): ``EagerOptimizerStepHook`` added once, torch's
+    shape policy (``dynamic=None``) unless the config chooses, and where sizes may turn symbolic (``dynamic`` not
+    False), the inductor settings they need (:func:`inductor_for_symbolic_sizes`). See docs/design.md#torchcompile."""
     if not cfg.get('compile'):
         return
     hooks = cfg.get('custom_hooks') or []
@@ -111,21 +120,57 @@ def prepare_compile(cfg: Config) -> None:
     options = ConfigDict(cfg.compile) if isinstance(cfg.compile, dict) else ConfigDict()
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if 'dynamic' not in options:
-        # Static stays the default while inductor's lowering on symbolic sizes takes many minutes and has not been
-        # checked against eager on every plan (docs/design.md#torchcompile).
-        options.dynamic = False
+        # Written out, so that the log says it: the first input size compiles static, and the first change of size
+        # compiles once more with symbolic sizes, which then serve every size (multi-scale training).
+        options.dynamic = None
         if main_rank:
-            print('compile: dynamic=False (static shapes); set compile.dynamic to choose', flush=True)
-    elif options.dynamic is not False and not torch.cuda.is_available():
-        # Inductor lays convolutions out channels last on CPU (mkldnn), and that decision fails on symbolic sizes
-        # (torch 2.13: "cannot determine truth value of Relational"). On other devices inductor turns it off
-        # itself as soon as a convolution's sizes are symbolic; this makes the CPU do the same.
-        import torch._inductor.config as inductor_config
+            print('compile: dynamic=None (torch\'s default: the first size static, then symbolic sizes); '
+                  'set compile.dynamic to choose', flush=True)
+    if options.dynamic is not False:
+        inductor_for_symbolic_sizes(main_rank)
+    cfg.compile = options   # a copy is stored: assigned once complete
+
+
+def inductor_for_symbolic_sizes(verbose: bool = True) -> None:
+    """Inductor settings that symbolic sizes need (torch 2.13), each left alone where the user has chosen it:
+
+    - the convolutions' backward through ATen's kernel: inductor's own lowering of it fixes the input gradient's
+      strides to the first size's numbers where layout optimization is off (as it is for symbolic sizes), and every
+      new size then compiles again. Outside max-autotune that lowering picks ATen's kernel anyway.
+    - on CPU, layout optimization off: it lays convolutions out channels last, and that decision fails on symbolic
+      sizes ("cannot determine truth value of Relational"); other devices turn it off by themselves.
+    - on CPU, vectorization off: choosing the vector tiling of gathers on symbolic sizes is most of the compile (a
+      neighborhood attention layer's training step: 823 s with it, 226 s without, both under cProfile).
+    """
+    import torch._inductor.config as inductor_config
+    changed = []
+    if _conv_backward_through_aten():
+        changed.append('convolution backward through ATen')
+    if not torch.cuda.is_available():
         if inductor_config.layout_optimization:
             inductor_config.layout_optimization = False
-            if main_rank:
-                print('compile: inductor layout optimization off on CPU (it fails on symbolic sizes)', flush=True)
-    cfg.compile = options   # a copy is stored: assigned once complete
+            changed.append('layout optimization off')
+        if inductor_config.cpp.simdlen is None:
+            inductor_config.cpp.simdlen = 1   # no vector ISA is 1 lane wide: scalar C++ kernels
+            changed.append('C++ vectorization off')
+    if changed and verbose:
+        print(f'compile: inductor for symbolic sizes: {", ".join(changed)} (docs/design.md#torchcompile)', flush=True)
+
+
+def _conv_backward_through_aten() -> bool:
+    """Replaces inductor's own lowering of aten.convolution_backward (torch 2.13, kernel/conv.py) by a call of
+    the ATen operator. False where this torch has no such lowering or it was replaced already."""
+    try:
+        from torch._inductor import lowering
+        from torch._inductor.kernel import conv
+    except ImportError:
+        return False
+    op = torch.ops.aten.convolution_backward.default
+    own = getattr(conv, 'convolution_backward_lowering', None)
+    if own is None or lowering.lowerings.get(op) is not own:
+        return False
+    lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    return True
 
 
 def build_runner(cfg: Config):

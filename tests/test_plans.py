@@ -173,16 +173,23 @@ def test_one_dynamic_shape_graph_serves_two_input_sizes_in_training(name, plan, 
     """torch.compile(dynamic=True), as multi-scale training ends up compiling (after a second size, dynamo
     marks the sizes symbolic): one graph, no recompilation at the second size, outputs and every gradient equal
     eager at both. aot_eager traces Dynamo's and AOTAutograd's graphs on symbolic sizes; inductor also lowers
-    them, with its layout optimization off as tools/train.py sets it on CPU (docs/design.md#torchcompile)."""
+    them, with the settings tools/train.py gives symbolic sizes (docs/design.md#torchcompile)."""
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
+    from torch._inductor import lowering
+
+    from dat_mm.runner import inductor_for_symbolic_sizes
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', plan)
     model = DAT(arch=DYNAMIC_ARCHS[name])
     compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
-    with inductor_config.patch(layout_optimization=False):
+    op = torch.ops.aten.convolution_backward.default
+    monkeypatch.setitem(lowering.lowerings, op, lowering.lowerings[op])   # restored after
+    with inductor_config.patch({'layout_optimization': inductor_config.layout_optimization,
+                                'cpp.simdlen': inductor_config.cpp.simdlen}):   # restored after
+        inductor_for_symbolic_sizes(verbose=False)
         _compare_at_two_sizes(model, compiled)
     assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
 

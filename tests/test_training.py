@@ -200,7 +200,7 @@ def test_the_demo_detector_learns_the_shapes(tiny_workspace, tmp_path):
     assert end['loss_cls'] < 0.6 and end['loss_mask'] < 0.6 and end['loss'] < 2.9, end
 
 
-def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes(capsys):
+def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_changes(capsys, monkeypatch):
     # MMEngine's compile traces train_step, optimizer step included. Dynamo cannot trace param groups that are
     # ConfigDicts, which MMEngine builds from every paramwise_cfg, and each new learning rate would compile the
     # step again. tools/train.py adds a hook that keeps the step eager.
@@ -231,27 +231,54 @@ def test_compiled_training_steps_the_optimizer_eagerly_as_its_learning_rate_chan
     # One graph before the step and one after its graph break, each compiled once for all three rates.
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 2, dict(torch._dynamo.utils.counters['stats'])
 
-    # Shapes: static unless the config chooses. Inductor's layout optimization: off on CPU where the config
-    # chooses symbolic sizes, with one line saying so; torch's setting untouched otherwise.
+    # Shapes: torch's policy (dynamic=None) unless the config chooses, with one line saying so. Where sizes may turn
+    # symbolic, inductor's convolution backward through ATen and, on CPU, its layout optimization and C++
+    # vectorization off, with one line; torch's settings untouched otherwise.
     import torch._inductor.config as inductor_config
-    with inductor_config.patch(layout_optimization=inductor_config.layout_optimization):   # restored after
-        for compile, hooks, dynamic in ((False, ['EMAHook'], None),
-                                        (True, ['EMAHook', 'EagerOptimizerStepHook'], False),
-                                        (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], False),
+    from torch._inductor import lowering
+    from torch._inductor.kernel.conv import convolution_backward_lowering as own
+    op = torch.ops.aten.convolution_backward.default
+    monkeypatch.setitem(lowering.lowerings, op, lowering.lowerings[op])   # restored after
+    cpu = not torch.cuda.is_available()
+    saved = {'layout_optimization': inductor_config.layout_optimization, 'cpp.simdlen': inductor_config.cpp.simdlen}
+    with inductor_config.patch(saved):   # restored after
+        for compile, hooks, dynamic in ((False, ['EMAHook'], False),
+                                        (True, ['EMAHook', 'EagerOptimizerStepHook'], None),
+                                        (dict(backend='inductor'), ['EMAHook', 'EagerOptimizerStepHook'], None),
                                         (dict(dynamic=None), ['EMAHook', 'EagerOptimizerStepHook'], None),
-                                        (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True)):
-            inductor_config.layout_optimization = True
+                                        (dict(dynamic=True), ['EMAHook', 'EagerOptimizerStepHook'], True),
+                                        (dict(dynamic=False), ['EMAHook', 'EagerOptimizerStepHook'], False)):
+            inductor_config.layout_optimization, inductor_config.cpp.simdlen = True, None
+            lowering.lowerings[op] = own
             cfg = Config(dict(compile=compile, custom_hooks=[dict(type='EMAHook')]))
             prepare_compile(cfg)
             prepare_compile(cfg)
             assert [hook['type'] for hook in cfg.custom_hooks] == hooks
-            assert (cfg.compile.get('dynamic') if compile else None) == dynamic
-            symbolic = bool(compile) and dynamic is not False and not torch.cuda.is_available()
-            assert inductor_config.layout_optimization == (not symbolic)
+            if compile:
+                assert 'dynamic' in cfg.compile and cfg.compile.dynamic == dynamic
+            symbolic = bool(compile) and dynamic is not False
+            assert (lowering.lowerings[op] is own) == (not symbolic)
+            assert inductor_config.layout_optimization == (not (symbolic and cpu))
+            assert inductor_config.cpp.simdlen == (1 if symbolic and cpu else None)
             printed = capsys.readouterr().out
-            assert printed.count('layout optimization off') == int(symbolic)
+            line = ('compile: inductor for symbolic sizes: convolution backward through ATen'
+                    + (', layout optimization off, C++ vectorization off' if cpu else '') + ' (')
+            assert printed.count(line) == int(symbolic), printed
             defaulted = compile is True or (isinstance(compile, dict) and 'dynamic' not in compile)
-            assert printed.count('compile: dynamic=False') == int(defaulted)
+            assert printed.count('compile: dynamic=None') == int(defaulted), printed
+
+        # Settings the user chose stay theirs.
+        inductor_config.layout_optimization, inductor_config.cpp.simdlen = False, 512
+        prepare_compile(Config(dict(compile=True)))
+        assert inductor_config.cpp.simdlen == 512
+        assert 'symbolic sizes: convolution backward through ATen (' in capsys.readouterr().out
+
+        # The same settings for mmdet's and mmseg's own train tools, from a hook in the config.
+        from dat_mm import InductorSymbolicSizesHook
+        lowering.lowerings[op], inductor_config.layout_optimization, inductor_config.cpp.simdlen = own, True, None
+        InductorSymbolicSizesHook().before_train(runner=None)
+        assert lowering.lowerings[op] is not own and inductor_config.layout_optimization == (not cpu)
+        assert capsys.readouterr().out.count('compile: inductor for symbolic sizes') == 1
 
 
 # Inductor's cold compile of a demo model takes minutes on a 2-core CPU: opt-in, as in test_plans.py.
@@ -261,15 +288,16 @@ INDUCTOR = pytest.mark.skipif(os.environ.get('DAT_MM_TEST_INDUCTOR') != '1',
 
 @INDUCTOR
 @pytest.mark.parametrize('config,entry,dynamic', [(SEGMENTOR, 'tools/train.py', True),
-                                                  (DETECTOR, 'tools/train.py', False), (SEGMENTOR, 'mim', False)])
+                                                  (DETECTOR, 'tools/train.py', None), (SEGMENTOR, 'mim', None)])
 def test_mmengine_compile_trains_the_demo_models(tiny_workspace, tmp_path, config, entry, dynamic):
     command = [ROOT / 'tools/train.py'] if entry == 'tools/train.py' else ['-m', 'mim', 'train', 'dat_mm']
-    compile = ['compile=True'] if dynamic is False else [f'compile.dynamic={dynamic}']
+    compile = ['compile=True'] if dynamic is None else [f'compile.dynamic={dynamic}']
     log = run_tool([*command, config, '--work-dir', tmp_path, '--cfg-options', *compile,
                     'train_cfg.max_iters=3', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
                     'default_hooks.logger.interval=1'], tiny_workspace)
     assert 'Model has been "compiled"' in log and 'EagerOptimizerStepHook' in log
-    assert ('layout optimization off' if dynamic else 'compile: dynamic=False') in log
+    assert 'compile: dynamic=None' in log if dynamic is None else 'compile: dynamic=' not in log
+    assert 'compile: inductor for symbolic sizes: convolution backward through ATen' in log
     losses = [float(x) for x in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.e+na]+)', log)]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
     assert torch.load(tmp_path / 'iter_3.pth')['meta']['iter'] == 3
@@ -313,8 +341,8 @@ class RecordSizesHook(Hook):
 
 @INDUCTOR
 def test_multi_scale_training_compiles_the_backbone_at_most_twice(tiny_workspace, tmp_path):
-    """The demo detector under MMEngine's compile with torch's shape policy (dynamic=None): the first size
-    compiles static, the second with symbolic sizes, and that graph serves every later size."""
+    """The demo detector under MMEngine's compile with the tools' defaults (torch's shape policy, dynamic=None):
+    the first size compiles static, the second with symbolic sizes, and that graph serves every later size."""
     import json
     (tmp_path / 'compile_counter.py').write_text(COUNTER)
     config = tmp_path / 'multi_scale.py'
@@ -322,7 +350,7 @@ def test_multi_scale_training_compiles_the_backbone_at_most_twice(tiny_workspace
         f"_base_ = '{DETECTOR}'\n"
         "custom_imports = dict(imports=['dat_mm', 'compile_counter'])\n"
         "custom_hooks = [dict(type='RecordSizesHook')]\n"
-        "compile = dict(backend='inductor_counting_backbone', dynamic=None)\n"
+        "compile = dict(backend='inductor_counting_backbone')\n"
         # 64 to 192 px: padded sizes of 64 to 192 in steps of 32.
         "train_dataloader = dict(batch_size=2, dataset=dict(pipeline=[\n"
         "    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True),\n"
@@ -332,6 +360,7 @@ def test_multi_scale_training_compiles_the_backbone_at_most_twice(tiny_workspace
                     'train_cfg.max_iters=6', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=6',
                     'default_hooks.logger.interval=1', 'randomness.seed=0'], tiny_workspace,
                    PYTHONPATH=str(tmp_path))
+    assert 'compile: dynamic=None' in log
     record = json.loads((tmp_path / 'work/compiles.json').read_text())
     assert len(record['sizes']) >= 3, record
     assert 1 <= record['backbone_graphs'] <= 2, (record, log[-3000:])
