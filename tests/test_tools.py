@@ -387,6 +387,16 @@ def test_benchmark_cuda_mode_is_a_dry_run_without_a_gpu():
     assert '| size |' not in out
 
 
+def test_benchmark_compile_adds_a_compiled_row_after_each_row():
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present: the CUDA mode would measure')
+    out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cuda', '--sizes', '1344x800', '--modes',
+                    'fwd+bwd', '--models', 'DAT-T++ fast', 'Swin-T', '--compile'], ROOT)
+    listed = re.findall(r'1344x800 fwd\+bwd fp32 (.+)', out)
+    assert listed == ['DAT-T++ fast', 'DAT-T++ fast compiled', 'DAT-T++ fast (cpu plan)',
+                      'DAT-T++ fast (cpu plan) compiled', 'Swin-T', 'Swin-T compiled'], listed
+
+
 def test_benchmark_gives_ratios_against_swin_in_both_precisions():
     out = run_tool([ROOT / 'tools/analysis/benchmark.py', '--device', 'cpu', '--sizes', '96x64', '--reps', '1',
                     '--modes', 'fwd+bwd', '--dtypes', 'fp32', 'bf16', '--models', 'DAT-T++ fast', 'Swin-T'], ROOT)

@@ -9,11 +9,15 @@ attention plan (dat_mm/models/layers/plan.py: cpu on CPU, device on CUDA); ``--p
 whose rows say so: on CUDA both plans are timed by default. A machine whose speed drifts (shared or
 throttled cores) moves each ratio with it; ``--rounds N`` measures every row N times, the rounds in
 alternating order, and gives each ratio as the median of the rounds' own ratios, with their range.
+``--compile`` adds each row compiled with ``torch.compile`` (inductor, static shapes), with its compile time (the
+first pass, less a timed one) and the number of kernels inductor generated for it; its ratio column is then the
+speed-up over the same row in eager mode.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
     python tools/analysis/benchmark.py --sizes 1344x800 --models 'DAT-T++ fast' Swin-T --rounds 3
     python tools/analysis/benchmark.py --sizes 1344x800 --dtypes fp32 bf16 --device cuda
         # without a GPU: a dry run that lists what the GPU run would measure
+    python tools/analysis/benchmark.py --sizes 1344x800 --models 'DAT-T++ fast' Swin-T --modes fwd+bwd --compile
 """
 import argparse
 import json
@@ -73,7 +77,7 @@ def swin_tiny(height: int, width: int):
 
 
 def measure(name: str, height: int, width: int, backward: bool, reps: int, device: str, dtype: str,
-            batch: int) -> dict:
+            batch: int, compiled: bool = False) -> dict:
     """Runs in the child process."""
     import contextlib
 
@@ -81,6 +85,10 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     model, source = backbone(MODELS[name], height, width)
     model.to(device)
     model.train(backward)   # mmdet's Swin returns None from train(): no chaining
+    if compiled:
+        from torch._inductor import metrics
+        metrics.reset()
+        model = torch.compile(model)
     x = torch.randn(batch, 3, height, width, device=device)
     cuda = device.startswith('cuda')
     low = DTYPES[dtype]
@@ -106,19 +114,26 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak_rss()
+    start = time.perf_counter()
     step()
+    first = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else rss_mb('VmHWM') - base
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(times), peak_mb=peak, source=source)
+    result = dict(seconds=statistics.median(times), peak_mb=peak, source=source)
+    if compiled:
+        # The first pass's peak is the compiler's: memory is left out of compiled rows.
+        result.update(peak_mb=None, compile_s=first - result['seconds'], kernels=metrics.generated_kernel_count)
+    return result
 
 
 def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dtype: str, plan: str,
-              batch: int) -> dict:
-    cmd = [sys.executable, __file__, '--child', json.dumps([name, *size, backward, reps, device, dtype, batch])]
+              batch: int, compiled: bool) -> dict:
+    cmd = [sys.executable, __file__, '--child',
+           json.dumps([name, *size, backward, reps, device, dtype, batch, compiled])]
     env = dict(os.environ, PYTHONWARNINGS='ignore', DAT_MM_ATTENTION_PLAN=plan)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -147,6 +162,8 @@ def main() -> int:
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--plans', nargs='+', choices=['cpu', 'device'],
                         help="attention plans of the fast DAT rows (default: the device's own; on CUDA both)")
+    parser.add_argument('--compile', action='store_true',
+                        help='also each row under torch.compile (inductor, static shapes): compile time, kernels')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,48 +177,62 @@ def main() -> int:
     # (label, model, plan): the plan matters to the fast attention only; a row not in the device's own plan says so.
     rows = [(name if plan == own else f'{name} ({plan} plan)', name, plan) for name in args.models
             for plan in (plans if name.endswith('fast') else [own])]
+    rows = [(label + (' compiled' if compiled else ''), name, plan, compiled) for label, name, plan in rows
+            for compiled in ([False, True] if args.compile else [False])]
     runs = [(size, mode, dtype, row) for size in args.sizes for mode in args.modes for dtype in args.dtypes
             for row in rows]
     if device.startswith('cuda') and not torch.cuda.is_available():
         # A dry run: shows on a CPU-only machine what the GPU run will measure, and measures nothing.
         print(f'dry run: --device {device} needs a GPU, and torch {torch.__version__} sees none. On a GPU machine '
               'this would measure:')
-        for size, mode, dtype, (label, _, _) in runs:
+        for size, mode, dtype, (label, *_) in runs:
             print(f'  {size:>9} {mode:<7} {dtype} {label}')
         return 0
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     rounds = f', {args.rounds} rounds' if args.rounds > 1 else ''
     print(f'device: {where}, torch {torch.__version__}, batch {args.batch}, median of {args.reps}{rounds}', flush=True)
-    results = {(size, mode, dtype, label): [] for size, mode, dtype, (label, _, _) in runs}
+    results = {(size, mode, dtype, label): [] for size, mode, dtype, (label, *_) in runs}
     for k in range(args.rounds):
         # Alternating order: a drift during the run weighs on the first rows in one round, on the last in the next.
-        for size, mode, dtype, (label, name, plan) in (runs if k % 2 == 0 else runs[::-1]):
+        for size, mode, dtype, (label, name, plan, compiled) in (runs if k % 2 == 0 else runs[::-1]):
             w, h = map(int, size.lower().split('x'))
-            r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan, args.batch)
+            r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan, args.batch, compiled)
             results[size, mode, dtype, label].append(r)
-            shown = r.get('error') or f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB"
+            shown = r.get('error') or (f"{r['seconds']:.2f} s, compile {r['compile_s']:.0f} s, {r['kernels']} kernels"
+                                       if compiled else f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB")
             round_ = f' round {k + 1}' if args.rounds > 1 else ''
             print(f'  {size:>9} {mode:<7} {dtype} {label:<20} {shown}{round_}', flush=True)
 
+    extra = ' compile (s) | kernels |' if args.compile else ''
     print('\n| size | pass | precision | model | time (s) | peak memory (MB) | time / Swin-T | memory / Swin-T '
-          '| fast vs ref: speed-up |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+          f'| speed-up: fast vs ref{", compiled vs eager" if args.compile else ""} |{extra}\n'
+          f'| --- | --- | --- | --- | --- | --- | --- | --- | --- |{" --- | --- |" if args.compile else ""}')
     for (size, mode, dtype, name), measured in results.items():
         errors = [r['error'] for r in measured if 'error' in r]
         if errors:
-            print(f'| {size} | {mode} | {dtype} | {name} | {errors[0]} | | | | |')
+            print(f'| {size} | {mode} | {dtype} | {name} | {errors[0]} | | | | |{" | |" if args.compile else ""}')
             continue
-        seconds, peak = (statistics.median(r[key] for r in measured) for key in ('seconds', 'peak_mb'))
-        swin = results.get((size, mode, dtype, SWIN), [])
+        compiled = name.endswith(' compiled')
+        seconds = statistics.median(r['seconds'] for r in measured)
+        swin = results.get((size, mode, dtype, SWIN + (' compiled' if compiled else '')), [])
         vs_swin = ' | '
-        if name != SWIN and swin and not any('error' in r for r in swin):
-            vs_swin = (f"{ratio([r['seconds'] for r in measured], [r['seconds'] for r in swin])} | "
-                       f"{ratio([r['peak_mb'] for r in measured], [max(r['peak_mb'], 1e-9) for r in swin])}")
-        ref = results.get((size, mode, dtype, name.split(' fast')[0] + ' ref'), [])
+        if not name.startswith(SWIN) and swin and not any('error' in r for r in swin):
+            vs_swin = f"{ratio([r['seconds'] for r in measured], [r['seconds'] for r in swin])} | "
+            if not compiled:
+                vs_swin += ratio([r['peak_mb'] for r in measured], [max(r['peak_mb'], 1e-9) for r in swin])
+        # Compiled rows: the speed-up over the same row in eager mode; fast rows: over the reference attention.
+        base = name[:-len(' compiled')] if compiled else name.split(' fast')[0] + ' ref' if ' fast' in name else None
+        ref = results.get((size, mode, dtype, base), [])
         speedup = ''
-        if ' fast' in name and ref and not any('error' in r for r in ref):
+        if ref and not any('error' in r for r in ref):
             speedup = ratio([r['seconds'] for r in ref], [r['seconds'] for r in measured])
+        peak = '-' if compiled else f"{statistics.median(r['peak_mb'] for r in measured):.0f}"
         label = f"{name} ({measured[0]['source']})" if measured[0].get('source') else name
-        print(f"| {size} | {mode} | {dtype} | {label} | {seconds:.2f} | {peak:.0f} | {vs_swin} | {speedup} |")
+        cells = ''
+        if args.compile:
+            cells = (f" {statistics.median(r['compile_s'] for r in measured):.0f} | {measured[0]['kernels']} |"
+                     if compiled else ' | |')
+        print(f"| {size} | {mode} | {dtype} | {label} | {seconds:.2f} | {peak} | {vs_swin} | {speedup} |{cells}")
     return 0
 
 
