@@ -101,11 +101,14 @@ class EagerOptimizerStepHook(Hook):
 
 @HOOKS.register_module()
 class InductorSymbolicSizesHook(Hook):
-    """:func:`inductor_for_symbolic_sizes` before the first (compiled) step, for mmdet's and mmseg's own train
-    tools; ``tools/train.py`` and ``mim train dat_mm`` apply it themselves where ``compile.dynamic`` is not False."""
+    """:func:`inductor_for_symbolic_sizes` before the first (compiled) step where the config compiles and its
+    ``compile.dynamic`` is not False, for mmdet's and mmseg's own train tools; ``tools/train.py`` and
+    ``mim train dat_mm`` apply it themselves."""
 
     def before_train(self, runner) -> None:
-        inductor_for_symbolic_sizes(verbose=not dist.is_initialized() or dist.get_rank() == 0)
+        options = runner.cfg.get('compile')
+        if options and (not isinstance(options, dict) or options.get('dynamic') is not False):
+            inductor_for_symbolic_sizes(verbose=not dist.is_initialized() or dist.get_rank() == 0)
 
 
 def prepare_compile(cfg: Config) -> None:
@@ -151,7 +154,7 @@ def inductor_for_symbolic_sizes(verbose: bool = True) -> None:
             inductor_config.layout_optimization = False
             changed.append('layout optimization off')
         if inductor_config.cpp.simdlen is None:
-            inductor_config.cpp.simdlen = 1   # no vector ISA is 1 lane wide: scalar C++ kernels
+            inductor_config.cpp.simdlen = 1   # a width in bits that no vector ISA has: scalar C++ kernels
             changed.append('C++ vectorization off')
     if changed and verbose:
         print(f'compile: inductor for symbolic sizes: {", ".join(changed)} (docs/design.md#torchcompile)', flush=True)

@@ -10,8 +10,8 @@ whose rows say so: on CUDA both plans are timed by default. A machine whose spee
 throttled cores) moves each ratio with it; ``--rounds N`` measures every row N times, the rounds in
 alternating order, and gives each ratio as the median of the rounds' own ratios, with their range.
 ``--compile`` adds each row compiled with ``torch.compile`` (inductor, static shapes), with its compile time (the
-first pass, less a timed one) and the number of kernels inductor generated for it; its ratio column is then the
-speed-up over the same row in eager mode.
+first pass, less a timed one) and the number of kernels inductor generated for it; its time is compared with
+compiled Swin-T's, and its speed-up column is over the same row in eager mode.
 
     python tools/analysis/benchmark.py                          # 512x512, 640x640, 1344x800, fwd and fwd+bwd
     python tools/analysis/benchmark.py --sizes 1344x800 --models 'DAT-T++ fast' Swin-T --rounds 3
@@ -87,7 +87,6 @@ def measure(name: str, height: int, width: int, backward: bool, reps: int, devic
     model.train(backward)   # mmdet's Swin returns None from train(): no chaining
     if compiled:
         from torch._inductor import metrics
-        metrics.reset()
         model = torch.compile(model)
     x = torch.randn(batch, 3, height, width, device=device)
     cuda = device.startswith('cuda')
@@ -135,6 +134,8 @@ def run_child(name: str, size: tuple, backward: bool, reps: int, device: str, dt
     cmd = [sys.executable, __file__, '--child',
            json.dumps([name, *size, backward, reps, device, dtype, batch, compiled])]
     env = dict(os.environ, PYTHONWARNINGS='ignore', DAT_MM_ATTENTION_PLAN=plan)
+    if compiled:   # a compile each time: from inductor's caches, later rounds would time a cache load
+        env['TORCHINDUCTOR_FORCE_DISABLE_CACHES'] = '1'
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         return dict(error=(proc.stderr.strip().splitlines() or ['failed'])[-1][:80])
