@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
@@ -106,9 +107,13 @@ class InductorSymbolicSizesHook(Hook):
     ``mim train dat_mm`` apply it themselves."""
 
     def before_train(self, runner) -> None:
-        options = runner.cfg.get('compile')
-        if options and (not isinstance(options, dict) or options.get('dynamic') is not False):
-            inductor_for_symbolic_sizes(verbose=not dist.is_initialized() or dist.get_rank() == 0)
+        if _sizes_may_turn_symbolic(runner.cfg.get('compile')):
+            inductor_for_symbolic_sizes(verbose=is_main_process())
+
+
+def _sizes_may_turn_symbolic(compile_cfg) -> bool:
+    """For MMEngine's ``compile`` option: it compiles, and ``dynamic`` is not False (torch's default None included)."""
+    return bool(compile_cfg) and (not isinstance(compile_cfg, dict) or compile_cfg.get('dynamic') is not False)
 
 
 def prepare_compile(cfg: Config) -> None:
@@ -121,7 +126,7 @@ def prepare_compile(cfg: Config) -> None:
     if not any(hook.get('type') == 'EagerOptimizerStepHook' for hook in hooks):
         cfg.custom_hooks = [*hooks, dict(type='EagerOptimizerStepHook')]
     options = ConfigDict(cfg.compile) if isinstance(cfg.compile, dict) else ConfigDict()
-    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    main_rank = is_main_process()
     if 'dynamic' not in options:
         # Written out, so that the log says it: the first input size compiles static, and the first change of size
         # compiles once more with symbolic sizes, which then serve every size (multi-scale training).
@@ -129,7 +134,7 @@ def prepare_compile(cfg: Config) -> None:
         if main_rank:
             print('compile: dynamic=None (torch\'s default: the first size static, then symbolic sizes); '
                   'set compile.dynamic to choose', flush=True)
-    if options.dynamic is not False:
+    if _sizes_may_turn_symbolic(options):
         inductor_for_symbolic_sizes(main_rank)
     cfg.compile = options   # a copy is stored: assigned once complete
 
