@@ -250,3 +250,29 @@ def test_layer_norm_2d_takes_the_same_values_and_dtype_in_its_compiled_form(dtyp
     assert compiled_form.dtype == eager.dtype and compiled_form.shape == eager.shape
     tolerance = 1e-5 if eager.dtype == torch.float32 else 2e-2
     assert (compiled_form.float() - eager.float()).abs().max() <= tolerance * eager.float().abs().max()
+
+
+def test_neighborhood_attention_compiled_on_symbolic_sizes_serves_narrow_and_wide_maps_with_one_graph():
+    """Compiled code (torch.compile(dynamic=True), aot_eager) tiles maps as one graph for every side of 7 px and
+    more: narrower than a tile's key region (12 px) and wider, a whole number of tiles (6) and not. Outputs and
+    gradients equal the reference path's in fp64."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention(16, 2).double()
+    torch.nn.init.normal_(layer.rpb, std=0.5)
+    ref = copy.deepcopy(layer)
+    ref.reference = True
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend='aot_eager', dynamic=True, fullgraph=True)
+    for size in ((7, 9), (12, 18), (10, 13), (19, 8)):
+        x = torch.randn(2, 16, *size, dtype=torch.float64)
+        weights = torch.sin(torch.arange(x.numel(), dtype=torch.float64)).view_as(x)
+        results = []
+        for module in (compiled, ref):
+            out = module(x.requires_grad_())
+            grads = torch.autograd.grad((out * weights).sum(), [x, *module.parameters()])
+            results.append((out, *grads))
+        for a, b in zip(*results):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-10 * b.abs().max(), size
+    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])

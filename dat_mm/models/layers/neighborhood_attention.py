@@ -13,6 +13,15 @@ def _ceil_div(n, d: int):
     return (n + d - 1) // d
 
 
+def _tile_count(length, tile: int):
+    """Tiles of ``tile`` queries along an axis of ``length``: ceil(length / tile), and under torch.compile
+    length // tile + 1. With whole tiles only, the tiled map equals the map at lengths that divide, and the crop
+    back to the map is a no-op there and not elsewhere: a graph on symbolic sizes then guards on the case it
+    traced, and every 6th length compiles again. The spare tile's queries repeat the last row and are cropped.
+    (Dynamo reports symbolic sizes as ints, so the spare tile is added to static graphs too.)"""
+    return length // tile + 1 if is_compiling() else _ceil_div(length, tile)
+
+
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
     """(length, kernel_size) key positions of each query along one axis.
 
@@ -31,13 +40,15 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     inside the query's window and -1 outside it. The last tile may run past the map; its extra queries are
     cropped away afterwards.
     """
-    n_tiles = _ceil_div(length, tile)
+    n_tiles = _tile_count(length, tile)
     # Under an ONNX trace the length is a 0-d tensor: Python's min would freeze the export size's branch.
-    # Compiled with symbolic sizes, a branch (a guard on the size) rather than min: the region is then a constant
-    # on maps of at least tile + k - 1, and inductor (torch 2.13) fails to simplify the index arithmetic of
-    # gathers whose sizes hold Min(...) ("vr must not be None").
+    # Compiled, the region is always t + k - 1 keys, and on a map narrower than that it starts before the map:
+    # those keys read position 0 and are masked, being outside every window. A region that follows the map
+    # would be Min(...) in the gathers' sizes, whose index arithmetic inductor (torch 2.13) fails to simplify
+    # ("vr must not be None"), or a branch on the size, a guard that compiles narrow maps again.
     full = tile + kernel_size - 1
-    region = length.clamp(max=full) if isinstance(length, torch.Tensor) else full if length >= full else length
+    region = (length.clamp(max=full) if isinstance(length, torch.Tensor) else
+              full if is_compiling() or length >= full else length)
     starts = torch.arange(n_tiles, device=device) * tile
     queries = starts[:, None] + torch.arange(tile, device=device)
     keys = (starts - kernel_size // 2).clamp(min=0).clamp(max=length - region)[:, None] + \
@@ -45,7 +56,7 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     window = (queries - kernel_size // 2).clamp(min=0).clamp(max=length - kernel_size)[:, :, None]
     key = keys[:, None, :]
     inside = (key >= window) & (key < window + kernel_size)
-    return keys, torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
+    return keys.clamp(min=0), torch.where(inside, key - queries[:, :, None] + kernel_size - 1, -1)
 
 
 def _tile_kinds(n_tiles, kernel_size: int, tile: int, device: torch.device):
@@ -176,7 +187,7 @@ class NeighborhoodAttention(nn.Module):
         """
         batch = qkv.shape[0]
         heads, t = self.num_heads, self.tile
-        n_ty, n_tx = _ceil_div(hp, t), _ceil_div(wp, t)
+        n_ty, n_tx = _tile_count(hp, t), _tile_count(wp, t)
         # A trace (ONNX export) and a compiled graph take the device plan's, whose ops do not depend on the map size.
         if attention_plan(qkv.device) == 'cpu' and not (torch.jit.is_tracing() or is_compiling()):
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)

@@ -62,8 +62,8 @@ CACHE_ENTRIES = 64
 def size_cached(build: Callable, *key):
     """``build(*key)``, built once per key in eager mode, so that index tensors that depend only on sizes
     cost no ops and no host work on later calls. Under ``torch.compile`` the build is traced instead: the
-    compiler folds it into the graph, whose shapes are fixed anyway; under an ONNX export's trace too, where
-    the sizes are traced values that keep the graph's input size dynamic."""
+    compiler folds it into the graph (or, on symbolic sizes, computes it there); under an ONNX export's trace
+    too, where the sizes are traced values that keep the graph's input size dynamic."""
     if is_compiling() or torch.jit.is_tracing():
         return build(*key)
     full_key = (build, *key)
