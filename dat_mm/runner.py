@@ -149,6 +149,9 @@ def inductor_for_symbolic_sizes(verbose: bool = True) -> None:
       sizes ("cannot determine truth value of Relational"); other devices turn it off by themselves.
     - on CPU, vectorization off: choosing the vector tiling of gathers on symbolic sizes is most of the compile (a
       neighborhood attention layer's training step: 823 s with it, 226 s without, both under cProfile).
+    - on CPU, float sums of a symbolic number of elements always in inductor's chunks: its C++ code sums in chunks
+      only above 4096 elements, and deciding that guards on the size (the stage-1 maps of a batch of two reach
+      it at about 180x180 px), so multi-scale sizes on either side compiled twice.
     """
     import torch._inductor.config as inductor_config
     changed = []
@@ -161,6 +164,8 @@ def inductor_for_symbolic_sizes(verbose: bool = True) -> None:
         if inductor_config.cpp.simdlen is None:
             inductor_config.cpp.simdlen = 1   # a width in bits that no vector ISA has: scalar C++ kernels
             changed.append('C++ vectorization off')
+        if _sums_in_chunks_on_symbolic_sizes():
+            changed.append('chunked sums on symbolic sizes')
     if changed and verbose:
         print(f'compile: inductor for symbolic sizes: {", ".join(changed)} (docs/design.md#torchcompile)', flush=True)
 
@@ -178,6 +183,36 @@ def _conv_backward_through_aten() -> bool:
     if own is None or lowering.lowerings.get(op) is not own:
         return False
     lowering.lowerings[op] = lowering.fallback_handler(op, add_to_fallback_set=False)
+    return True
+
+
+# The most elements inductor's C++ reductions sum in one run (torch 2.13, codegen/cpp.py); above it they sum in
+# chunks of it, for precision.
+CPP_SUM_CHUNK = 4096
+
+
+def _sums_in_chunks_on_symbolic_sizes() -> bool:
+    """Has inductor's C++ code decide chunked float sums without a guard: chunked unless the size is known to be
+    at most CPP_SUM_CHUNK (the decision itself is unchanged for static sizes). False where this torch has no such
+    decision or it was replaced already."""
+    try:
+        from torch._inductor.codegen import cpp
+        from torch._inductor.utils import sympy_product
+        from torch._inductor.virtualized import V
+    except ImportError:
+        return False
+    own = getattr(cpp.CppKernel, 'need_use_acc_helper', None)
+    if own is None or getattr(own, 'without_size_guard', False):
+        return False
+
+    def need_use_acc_helper(self, reduction_type, dtype, use_scalar):
+        if reduction_type == 'sum' and dtype == torch.float and self.call_ranges is not None:
+            size = sympy_product(self.call_ranges[self.reduction_depth:])
+            return not V.graph.sizevars.statically_known_leq(size, CPP_SUM_CHUNK)
+        return own(self, reduction_type, dtype, use_scalar)
+
+    need_use_acc_helper.without_size_guard = True
+    cpp.CppKernel.need_use_acc_helper = need_use_acc_helper
     return True
 
 

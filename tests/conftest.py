@@ -11,3 +11,33 @@ def tiny_workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp('workspace')
     write_dataset(root / 'data' / 'tiny', seed=1, train=6, val=3, size=96)
     return root
+
+
+@pytest.fixture
+def inductor_defaults(monkeypatch):
+    """Restores, after the test, the inductor state that dat_mm.runner.inductor_for_symbolic_sizes changes, and
+    yields a function that puts torch's defaults back in the middle of a test. Each piece is optional: older
+    torch versions have no convolution-backward lowering or C++ sum decision of their own."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._inductor import lowering
+    from torch._inductor.codegen import cpp
+    from torch._inductor.kernel import conv
+    op = torch.ops.aten.convolution_backward.default
+    own_lowering = getattr(conv, 'convolution_backward_lowering', None)
+    own_sums = getattr(cpp.CppKernel, 'need_use_acc_helper', None)
+    monkeypatch.setitem(lowering.lowerings, op, lowering.lowerings[op])
+    if own_sums is not None:
+        monkeypatch.setattr(cpp.CppKernel, 'need_use_acc_helper', own_sums)
+
+    def reset():
+        inductor_config.layout_optimization, inductor_config.cpp.simdlen = True, None
+        if own_lowering is not None:
+            lowering.lowerings[op] = own_lowering
+        if own_sums is not None:
+            cpp.CppKernel.need_use_acc_helper = own_sums
+
+    reset.own_lowering, reset.own_sums = own_lowering, own_sums
+    with inductor_config.patch({'layout_optimization': inductor_config.layout_optimization,
+                                'cpp.simdlen': inductor_config.cpp.simdlen}):
+        yield reset
