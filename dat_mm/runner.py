@@ -205,13 +205,14 @@ def _sums_in_chunks_on_symbolic_sizes() -> bool:
     if own is None or getattr(own, 'without_size_guard', False):
         return False
 
-    def need_use_acc_helper(self, reduction_type, dtype, use_scalar):
+    def need_use_acc_helper(self, reduction_type, dtype, *args, **kwargs):
         if reduction_type == 'sum' and dtype == torch.float and self.call_ranges is not None:
             size = sympy_product(self.call_ranges[self.reduction_depth:])
             return not V.graph.sizevars.statically_known_leq(size, CPP_SUM_CHUNK)
-        return own(self, reduction_type, dtype, use_scalar)
+        return own(self, reduction_type, dtype, *args, **kwargs)
 
     need_use_acc_helper.without_size_guard = True
+    need_use_acc_helper.__wrapped__ = own
     cpp.CppKernel.need_use_acc_helper = need_use_acc_helper
     return True
 

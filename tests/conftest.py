@@ -16,8 +16,9 @@ def tiny_workspace(tmp_path_factory):
 @pytest.fixture
 def inductor_defaults(monkeypatch):
     """Restores, after the test, the inductor state that dat_mm.runner.inductor_for_symbolic_sizes changes, and
-    yields a function that puts torch's defaults back in the middle of a test. Each piece is optional: older
-    torch versions have no convolution-backward lowering or C++ sum decision of their own."""
+    yields a function that puts torch's defaults back in the middle of a test. ``reset.own_lowering`` and
+    ``reset.own_sums`` are torch's own convolution-backward lowering and C++ sum decision, None where this torch
+    has none."""
     import torch
     import torch._inductor.config as inductor_config
     from torch._inductor import lowering
@@ -26,6 +27,7 @@ def inductor_defaults(monkeypatch):
     op = torch.ops.aten.convolution_backward.default
     own_lowering = getattr(conv, 'convolution_backward_lowering', None)
     own_sums = getattr(cpp.CppKernel, 'need_use_acc_helper', None)
+    own_sums = getattr(own_sums, '__wrapped__', own_sums)   # torch's, even where an earlier test replaced it
     monkeypatch.setitem(lowering.lowerings, op, lowering.lowerings[op])
     if own_sums is not None:
         monkeypatch.setattr(cpp.CppKernel, 'need_use_acc_helper', own_sums)
