@@ -18,6 +18,7 @@ from ...compat import is_compiling
 from ...registry import MODELS
 from ..layers import (ConvFFN, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
+from ..layers.plan import ceil_div
 
 # Per stage, ``blocks`` is a pattern repeated over the stage's depth: 'L' window, 'S' shifted window,
 # 'N' neighborhood, 'D' deformable attention. ``groups`` are the offset groups of 'D' blocks.
@@ -314,9 +315,8 @@ class DAT(BaseModule):
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """x (B, C, H, W) zero-padded at the bottom and right to sides that are multiples of ``multiple``."""
-    # Rounded up by floor division rather than (-n) % multiple: on symbolic sizes a modulo leaves PythonMod in the
-    # stage sizes, which torch 2.13's AOT pass for float scalars (the query grid's 2 / n) cannot translate.
-    pad_h, pad_w = ((n + multiple - 1) // multiple * multiple - n for n in x.shape[2:])
+    # Rounded up rather than (-n) % multiple, whose PythonMod the query grid's 2 / n cannot take (see ceil_div).
+    pad_h, pad_w = (ceil_div(n, multiple) * multiple - n for n in x.shape[2:])
     # Traced (ONNX: the sizes are tensors) and compiled code pads always, so that no branch fixes the size;
     # eager code skips the copy where there is nothing to pad.
     if isinstance(pad_h, torch.Tensor) or is_compiling() or pad_h or pad_w:

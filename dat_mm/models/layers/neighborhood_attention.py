@@ -4,13 +4,7 @@ from torch import nn
 
 from ...compat import is_compiling
 from .attention_backward import attention_backward
-from .plan import attention_plan, size_cached
-
-
-def _ceil_div(n, d: int):
-    """ceil(n / d) for n >= 0, also where n is a traced size: ONNX's integer Div truncates, so -(-n // d) would
-    come out as floor(n / d) in an exported graph."""
-    return (n + d - 1) // d
+from .plan import attention_plan, ceil_div, size_cached
 
 
 def _tile_count(length, tile: int):
@@ -19,7 +13,7 @@ def _tile_count(length, tile: int):
     back to the map is a no-op there and not elsewhere: a graph on symbolic sizes then guards on the case it
     traced, and every 6th length compiles again. The spare tile's queries repeat the last row and are cropped.
     (Dynamo reports symbolic sizes as ints, so the spare tile is added to static graphs too.)"""
-    return length // tile + 1 if is_compiling() else _ceil_div(length, tile)
+    return length // tile + 1 if is_compiling() else ceil_div(length, tile)
 
 
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:

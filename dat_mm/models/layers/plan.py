@@ -59,6 +59,13 @@ _CACHE: 'OrderedDict[tuple, object]' = OrderedDict()
 CACHE_ENTRIES = 64
 
 
+def ceil_div(n, d: int):
+    """ceil(n / d) for n >= 0, also where n is a traced size: ONNX's integer Div truncates, so -(-n // d) would
+    come out as floor(n / d) in an exported graph; and on symbolic sizes (torch.compile) it leaves no modulo,
+    whose PythonMod torch 2.13's AOT pass for float scalars cannot translate."""
+    return (n + d - 1) // d
+
+
 def size_cached(build: Callable, *key):
     """``build(*key)``, built once per key in eager mode, so that index tensors that depend only on sizes
     cost no ops and no host work on later calls. Under ``torch.compile`` the build is traced instead: the
