@@ -107,6 +107,30 @@ def test_a_failed_kernel_build_warns_and_falls_back_to_grid_sample(monkeypatch, 
     assert isinstance(deformable_attention._lookup(table, keys, query, 1, 'cpu'), _GridSampleLookup)
 
 
+def test_a_graph_compiled_before_any_eager_call_calls_the_cpu_kernels(monkeypatch):
+    """A compiled training run traces its first step before anything ran eagerly: the kernels load while Dynamo
+    traces, that graph calls them, and a later eager call compiles nothing again (it once took grid_sample there,
+    and compiled again after the first eager call had loaded the kernels)."""
+    from torch._dynamo.utils import counters
+    assert deformable_bias.available(), 'the CPU kernels did not build'
+    monkeypatch.setattr(deformable_bias, '_available', None)   # as in a new process
+    monkeypatch.setenv('DAT_MM_ATTENTION_PLAN', 'cpu')
+    torch.manual_seed(0)
+    layer = DeformableAttention(32, 2, 1, stride=2, offset_kernel=3, offset_range_factor=-1, table_size=(8, 8),
+                                version=2)
+    x = torch.randn(1, 32, 8, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend='aot_eager')
+    with torch.profiler.profile() as prof:
+        compiled(x)[0].sum().backward()
+    called = {event.name for event in prof.events()}
+    assert {'dat_mm::deformable_bias_out', 'dat_mm::deformable_biased_softmax_backward_'} <= called, called
+    layer(x)[0].sum().backward()
+    compiled(x)[0].sum().backward()
+    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+
+
 def test_a_bug_in_loading_the_kernels_is_not_taken_for_a_missing_compiler(monkeypatch, tmp_path):
     """Only the failures of a machine that cannot build (RuntimeError, OSError) fall back to grid_sample."""
     from torch.utils import cpp_extension
@@ -276,3 +300,4 @@ def test_neighborhood_attention_compiled_on_symbolic_sizes_serves_narrow_and_wid
         for a, b in zip(*results):
             assert a.shape == b.shape and (a - b).abs().max() <= 1e-10 * b.abs().max(), size
     assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+
