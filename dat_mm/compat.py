@@ -4,15 +4,25 @@ Code elsewhere asks this module instead of calling a newer API itself. A feature
 an error; where users lose something by it, the caller logs one line saying what. Run
 ``python -m dat_mm.compat`` to see what the installed torch offers (docs/installation.md#torch-versions).
 """
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
+from torch.fx.experimental import symbolic_shapes as _symbolic_shapes
 
 # torch.compiler.is_compiling came in torch 2.3; torch._dynamo's, which Dynamo also treats as a constant, before.
 if hasattr(torch.compiler, 'is_compiling'):
     is_compiling: Callable[[], bool] = torch.compiler.is_compiling
 else:  # pragma: no cover - torch < 2.3
     from torch._dynamo import is_compiling  # noqa: F401
+
+# symbolic_shapes.statically_known_true, traced by Dynamo in user code from torch 2.8 (which added has_static_value
+# with it): whether a condition on sizes holds, answered without adding a guard. Before, nothing counts as known,
+# and compiled graphs lay the neighborhood attention out for symbolic sizes even where sizes are static.
+if hasattr(_symbolic_shapes, 'has_static_value'):
+    statically_known_true: Callable[[Any], bool] = _symbolic_shapes.statically_known_true
+else:  # pragma: no cover - torch < 2.8
+    def statically_known_true(condition: Any) -> bool:
+        return False
 
 # torch.library.register_fake (2.4): output shapes of the CPU kernels, without which torch.compile cannot trace them.
 register_fake: Optional[Callable] = getattr(torch.library, 'register_fake', None)
@@ -28,6 +38,8 @@ def features() -> Dict[str, bool]:
         'CPU kernels under torch.compile (torch.library.register_fake)': register_fake is not None,
         'weights_only allow-list for MMEngine checkpoints (torch.serialization.add_safe_globals)':
             add_safe_globals is not None,
+        'static compiled graphs tile as eager code does (statically_known_true under Dynamo)':
+            hasattr(_symbolic_shapes, 'has_static_value'),
     }
 
 

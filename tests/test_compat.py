@@ -15,8 +15,10 @@ def test_the_feature_report_says_what_this_torch_has():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f'torch {torch.__version__}'
+    from torch.fx.experimental import symbolic_shapes
     has = {'register_fake': hasattr(torch.library, 'register_fake'),
-           'add_safe_globals': hasattr(torch.serialization, 'add_safe_globals')}
+           'add_safe_globals': hasattr(torch.serialization, 'add_safe_globals'),
+           'statically_known_true': hasattr(symbolic_shapes, 'has_static_value')}
     for api, present in has.items():
         line, = [line for line in lines if api in line]
         assert line.split()[0] == ('yes' if present else 'no'), proc.stdout

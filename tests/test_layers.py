@@ -8,6 +8,7 @@ from dat_mm.models.layers import DeformableAttention, NeighborhoodAttention
 from dat_mm.models.layers.attention_backward import attention_backward
 from dat_mm.models.layers import deformable_bias
 from dat_mm.models.layers.deformable_attention import _GridSampleLookup, _KernelLookup
+from dat_mm.models.layers.neighborhood_attention import _tiles
 
 
 def test_attention_backward_equals_autograd_through_the_plain_formula():
@@ -301,3 +302,30 @@ def test_neighborhood_attention_compiled_on_symbolic_sizes_serves_narrow_and_wid
             assert a.shape == b.shape and (a - b).abs().max() <= 1e-10 * b.abs().max(), size
     assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
 
+
+@pytest.mark.parametrize('dynamic', [False, True])
+def test_compiled_tiling_adds_spare_tiles_and_keys_only_on_symbolic_sizes(dynamic):
+    """A static graph tiles a map as eager code does; a graph on symbolic sizes has one tile more where the tile
+    divides the side and a 12-key region on narrower maps, which is what lets one graph serve every size."""
+    from torch._dynamo.utils import counters
+    from torch.fx.experimental import symbolic_shapes
+    if not dynamic and not hasattr(symbolic_shapes, 'has_static_value'):
+        pytest.skip('torch < 2.8: Dynamo cannot answer statically_known_true, static graphs tile as symbolic ones')
+
+    def tiling(x):
+        keys, _ = _tiles(x.shape[-1], 7, 6, x.device)
+        return keys
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(tiling, backend='eager', dynamic=dynamic, fullgraph=True)
+    # length: (tiles, keys per tile) in eager mode
+    for length, (tiles, region) in {12: (2, 12), 18: (3, 12), 10: (2, 10), 8: (2, 8)}.items():
+        eager = tiling(torch.zeros(length))
+        assert eager.shape == (tiles, region)
+        keys = compiled(torch.zeros(length))
+        if dynamic:
+            assert keys.shape == (length // 6 + 1, 12), length
+        else:
+            assert torch.equal(keys, eager), length
+    assert counters['stats']['unique_graphs'] == (1 if dynamic else 4)

@@ -2,18 +2,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...compat import is_compiling
+from ...compat import is_compiling, statically_known_true
 from .attention_backward import attention_backward
 from .plan import attention_plan, ceil_div, size_cached
 
 
+def _unsettled(condition, negation) -> bool:
+    """True where torch.compile cannot tell, without adding a guard, whether a condition on sizes holds: on
+    symbolic sizes. The negation comes separately, as ``not`` on a symbolic bool would add a guard."""
+    return not (statically_known_true(condition) or statically_known_true(negation))
+
+
 def _tile_count(length, tile: int):
-    """Tiles of ``tile`` queries along an axis of ``length``: ceil(length / tile), and under torch.compile
-    length // tile + 1. With whole tiles only, the tiled map equals the map at lengths that divide, and the crop
-    back to the map is a no-op there and not elsewhere: a graph on symbolic sizes then guards on the case it
-    traced, and every 6th length compiles again. The spare tile's queries repeat the last row and are cropped.
-    (Dynamo reports symbolic sizes as ints, so the spare tile is added to static graphs too.)"""
-    return length // tile + 1 if is_compiling() else ceil_div(length, tile)
+    """Tiles of ``tile`` queries along an axis of ``length``: ceil(length / tile); but length // tile + 1 where
+    torch.compile traces a symbolic length of which it does not know whether ``tile`` divides it. With whole
+    tiles only, the tiled map equals the map at lengths that divide, and the crop back to the map is a no-op there
+    and not elsewhere: a graph on symbolic sizes would guard on the case it traced, and every 6th length would
+    compile again. The spare tile's queries repeat the last row and are cropped."""
+    if is_compiling() and _unsettled(length // tile * tile == length, length // tile * tile != length):
+        return length // tile + 1
+    return ceil_div(length, tile)
 
 
 def _window_index(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
@@ -36,13 +44,17 @@ def _tiles(length: int, kernel_size: int, tile: int, device: torch.device):
     """
     n_tiles = _tile_count(length, tile)
     # Under an ONNX trace the length is a 0-d tensor: Python's min would freeze the export size's branch.
-    # Compiled, the region is always t + k - 1 keys, and on a map narrower than that it starts before the map:
-    # those keys read position 0 and are masked, being outside every window. A region that follows the map
-    # would be Min(...) in the gathers' sizes, whose index arithmetic inductor (torch 2.13) fails to simplify
-    # ("vr must not be None"), or a branch on the size, a guard that compiles narrow maps again.
+    # Compiled on a symbolic length, the region is always t + k - 1 keys, and on a map narrower than that it
+    # starts before the map: those keys read position 0 and are masked, being outside every window. A region
+    # that follows the map would be Min(...) in the gathers' sizes, whose index arithmetic inductor (torch 2.13)
+    # fails to simplify ("vr must not be None"), or a branch on the size, a guard that compiles narrow maps again.
     full = tile + kernel_size - 1
-    region = (length.clamp(max=full) if isinstance(length, torch.Tensor) else
-              full if is_compiling() or length >= full else length)
+    if isinstance(length, torch.Tensor):
+        region = length.clamp(max=full)
+    elif is_compiling() and _unsettled(length >= full, length < full):
+        region = full
+    else:
+        region = full if length >= full else length
     starts = torch.arange(n_tiles, device=device) * tile
     queries = starts[:, None] + torch.arange(tile, device=device)
     keys = (starts - kernel_size // 2).clamp(min=0).clamp(max=length - region)[:, None] + \
@@ -175,16 +187,16 @@ class NeighborhoodAttention(nn.Module):
     def _attend_tiled(self, qkv: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a bias of -inf
         outside the queries' own windows; same result as :meth:`_attend`. qkv: (B, Hp*Wp, 3C), q unscaled.
-        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp rounded up to whole tiles. The cpu plan attends a row
+        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp in whole tiles (:func:`_tile_count`). The cpu plan attends a row
         of tiles at a time (:class:`_TiledAttention`), the device plan every tile at once
         (:class:`_TiledAttentionAtOnce`).
         """
         batch = qkv.shape[0]
         heads, t = self.num_heads, self.tile
-        n_ty, n_tx = _tile_count(hp, t), _tile_count(wp, t)
         # A trace (ONNX export) and a compiled graph take the device plan's, whose ops do not depend on the map size.
         if attention_plan(qkv.device) == 'cpu' and not (torch.jit.is_tracing() or is_compiling()):
             tiles = size_cached(_row_tiling, hp, wp, self.kernel_size, t, qkv.device)
+            n_ty, n_tx = tiles['by'].shape[0], tiles['bx'].shape[0]
             # Per kind of tile row: (Ky, Tx, heads, t*t, R).
             bias = self._tile_bias(tiles['by_kind'], tiles['bx_kind']).permute(1, 2, 0, 3, 4).index_select(
                 1, tiles['kind_x'])
@@ -192,6 +204,7 @@ class NeighborhoodAttention(nn.Module):
                                         tiles['keys'], tiles['kind_rows'], t, self.scale)
             return out.view(batch, n_ty * t, n_tx * t, -1)
         tiles = size_cached(_tiling, hp, wp, self.kernel_size, t, qkv.device)
+        n_ty, n_tx = tiles['by'].shape[0], tiles['bx'].shape[0]
         # Heads first, so that the tiles of all heads gather as (B, heads * tiles) batch entries whose masks the
         # images share without a copy per image.
         qkv = qkv.reshape(batch, hp * wp, 3, heads, -1).permute(2, 0, 3, 1, 4).contiguous()   # (3, B, heads, HW, d)
