@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import size_cached
+from .plan import ceil_div, size_cached
 
 
 def _shift_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -49,7 +49,7 @@ class WindowAttention(nn.Module):
         batch, channels, height, width = x.shape
         w, heads = self.window_size, self.num_heads
         x = x.permute(0, 2, 3, 1)
-        x = F.pad(x, (0, 0, 0, (-width) % w, 0, (-height) % w))
+        x = F.pad(x, (0, 0, 0, ceil_div(width, w) * w - width, 0, ceil_div(height, w) * w - height))
         hp, wp = x.shape[1:3]
         if self.shift:
             x = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
