@@ -192,43 +192,49 @@ def main() -> int:
     where = torch.cuda.get_device_name() if device.startswith('cuda') else f'CPU ({os.cpu_count()} cores)'
     rounds = f', {args.rounds} rounds' if args.rounds > 1 else ''
     print(f'device: {where}, torch {torch.__version__}, batch {args.batch}, median of {args.reps}{rounds}', flush=True)
-    results = {(size, mode, dtype, label): [] for size, mode, dtype, (label, *_) in runs}
+    results = {(size, mode, dtype, row): [] for size, mode, dtype, row in runs}
     for k in range(args.rounds):
         # Alternating order: a drift during the run weighs on the first rows in one round, on the last in the next.
-        for size, mode, dtype, (label, name, plan, compiled) in (runs if k % 2 == 0 else runs[::-1]):
+        for size, mode, dtype, row in (runs if k % 2 == 0 else runs[::-1]):
+            label, name, plan, compiled = row
             w, h = map(int, size.lower().split('x'))
             r = run_child(name, (h, w), mode == 'fwd+bwd', args.reps, device, dtype, plan, args.batch, compiled)
-            results[size, mode, dtype, label].append(r)
+            results[size, mode, dtype, row].append(r)
             shown = r.get('error') or (f"{r['seconds']:.2f} s, compile {r['compile_s']:.0f} s, {r['kernels']} kernels"
                                        if compiled else f"{r['seconds']:.2f} s, {r['peak_mb']:.0f} MB")
             round_ = f' round {k + 1}' if args.rounds > 1 else ''
             print(f'  {size:>9} {mode:<7} {dtype} {label:<20} {shown}{round_}', flush=True)
 
+    by_model = {row[1:]: row for row in rows}   # (model, plan, compiled) -> row
+
+    def measured_ok(size, mode, dtype, key) -> list:
+        """The rounds of the row (model, plan, compiled) at this size, pass and precision; [] if absent or failed."""
+        found = results.get((size, mode, dtype, by_model.get(key)), [])
+        return [] if any('error' in r for r in found) else found
+
     extra = ' compile (s) | kernels |' if args.compile else ''
     print('\n| size | pass | precision | model | time (s) | peak memory (MB) | time / Swin-T | memory / Swin-T '
           f'| speed-up: fast vs ref{", compiled vs eager" if args.compile else ""} |{extra}\n'
           f'| --- | --- | --- | --- | --- | --- | --- | --- | --- |{" --- | --- |" if args.compile else ""}')
-    for (size, mode, dtype, name), measured in results.items():
+    for (size, mode, dtype, (label, name, plan, compiled)), measured in results.items():
         errors = [r['error'] for r in measured if 'error' in r]
         if errors:
-            print(f'| {size} | {mode} | {dtype} | {name} | {errors[0]} | | | | |{" | |" if args.compile else ""}')
+            print(f'| {size} | {mode} | {dtype} | {label} | {errors[0]} | | | | |{" | |" if args.compile else ""}')
             continue
-        compiled = name.endswith(' compiled')
         seconds = statistics.median(r['seconds'] for r in measured)
-        swin = results.get((size, mode, dtype, SWIN + (' compiled' if compiled else '')), [])
+        swin = measured_ok(size, mode, dtype, (SWIN, own, compiled))
         vs_swin = ' | '
-        if not name.startswith(SWIN) and swin and not any('error' in r for r in swin):
+        if name != SWIN and swin:
             vs_swin = f"{ratio([r['seconds'] for r in measured], [r['seconds'] for r in swin])} | "
             if not compiled:
                 vs_swin += ratio([r['peak_mb'] for r in measured], [max(r['peak_mb'], 1e-9) for r in swin])
         # Compiled rows: the speed-up over the same row in eager mode; fast rows: over the reference attention.
-        base = name[:-len(' compiled')] if compiled else name.split(' fast')[0] + ' ref' if ' fast' in name else None
-        ref = results.get((size, mode, dtype, base), [])
-        speedup = ''
-        if ref and not any('error' in r for r in ref):
-            speedup = ratio([r['seconds'] for r in ref], [r['seconds'] for r in measured])
+        base = ((name, plan, False) if compiled else
+                (name.replace(' fast', ' ref'), own, False) if name.endswith(' fast') else None)
+        ref = measured_ok(size, mode, dtype, base) if base else []
+        speedup = ratio([r['seconds'] for r in ref], [r['seconds'] for r in measured]) if ref else ''
         peak = '-' if compiled else f"{statistics.median(r['peak_mb'] for r in measured):.0f}"
-        label = f"{name} ({measured[0]['source']})" if measured[0].get('source') else name
+        label = f"{label} ({measured[0]['source']})" if measured[0].get('source') else label
         cells = ''
         if args.compile:
             cells = (f" {statistics.median(r['compile_s'] for r in measured):.0f} | {measured[0]['kernels']} |"
