@@ -18,7 +18,8 @@ else:  # pragma: no cover - torch < 2.3
 # symbolic_shapes.statically_known_true, traced by Dynamo in user code from torch 2.8 (which added has_static_value
 # with it): whether a condition on sizes holds, answered without adding a guard. Before, nothing counts as known,
 # and compiled graphs lay the neighborhood attention out for symbolic sizes even where sizes are static.
-if hasattr(_symbolic_shapes, 'has_static_value'):
+traces_size_facts = hasattr(_symbolic_shapes, 'has_static_value')
+if traces_size_facts:
     statically_known_true: Callable[[Any], bool] = _symbolic_shapes.statically_known_true
 else:  # pragma: no cover - torch < 2.8
     def statically_known_true(condition: Any) -> bool:
@@ -38,8 +39,7 @@ def features() -> Dict[str, bool]:
         'CPU kernels under torch.compile (torch.library.register_fake)': register_fake is not None,
         'weights_only allow-list for MMEngine checkpoints (torch.serialization.add_safe_globals)':
             add_safe_globals is not None,
-        'static compiled graphs tile as eager code does (statically_known_true under Dynamo)':
-            hasattr(_symbolic_shapes, 'has_static_value'),
+        'static compiled graphs tile as eager code does (statically_known_true under Dynamo)': traces_size_facts,
     }
 
 

@@ -187,8 +187,8 @@ class NeighborhoodAttention(nn.Module):
     def _attend_tiled(self, qkv: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """Fast path: each tile of t x t queries attends to its (t+k-1)^2 key region with a bias of -inf
         outside the queries' own windows; same result as :meth:`_attend`. qkv: (B, Hp*Wp, 3C), q unscaled.
-        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp in whole tiles (:func:`_tile_count`). The cpu plan attends a row
-        of tiles at a time (:class:`_TiledAttention`), the device plan every tile at once
+        Returns (B, Hp', Wp', C), Hp' >= Hp and Wp' >= Wp in whole tiles (:func:`_tile_count`). The cpu plan
+        attends a row of tiles at a time (:class:`_TiledAttention`), the device plan every tile at once
         (:class:`_TiledAttentionAtOnce`).
         """
         batch = qkv.shape[0]
